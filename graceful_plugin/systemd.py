@@ -227,8 +227,9 @@ class ActivatedSocket:
     The descriptor stays owned by the caller: adopt it (C{reactor.adoptStreamPort}) and then
     close it, or close it.
 
-    @ivar name: the name from C{LISTEN_FDNAMES} (C{FileDescriptorName=}), or, when systemd gave
-        none or C{unknown}, C{KIND:ADDRESS} as for an unnamed C{--port} listener.
+    @ivar name: the name from C{LISTEN_FDNAMES} (C{FileDescriptorName=}, by default the socket
+        unit's name), or C{KIND:ADDRESS} as for an unnamed C{--port} listener when systemd gave
+        no name, C{unknown}, or a name it also gave another descriptor.
     @ivar fd: the descriptor number.
     @ivar family: the address family (C{AF_INET}, C{AF_INET6}, C{AF_UNIX}, ...).
     @ivar type: the socket type (C{SOCK_STREAM}, C{SOCK_DGRAM}, ...).
@@ -381,5 +382,9 @@ def _listenFds(environ: Mapping[str, str], pid: int, fdStart: int) -> list[Activ
                 f"LISTEN_FDNAMES names {len(given)} descriptor(s) but LISTEN_FDS says {n}:"
                 f" {rawNames!r}."
             )
-        names = [None if name in ("", _UNKNOWN_NAME) else name for name in given]
+        # A name must tell listeners apart across generations: one that systemd gives to
+        # several descriptors (all the sockets of one .socket unit share its name) does not.
+        names = [
+            None if name in ("", _UNKNOWN_NAME) or given.count(name) > 1 else name for name in given
+        ]
     return [_describe(fdStart + i, names[i]) for i in range(n)]

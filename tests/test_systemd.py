@@ -495,6 +495,26 @@ class ListenFdsTests(_Case):
         result = listenFds(self.environ(2, "web:unknown"), fdStart=start)
         self.assertEqual([s.name for s in result], ["web", f"unix:{path}"])
 
+    def test_sharedNames(self) -> None:
+        """
+        A name systemd gives to several descriptors (the sockets of one socket unit) is replaced
+        by each one's C{KIND:ADDRESS}, while a unique name in the same list is kept.
+        """
+        first = self.listening(socket.AF_INET, ("127.0.0.1", 0))
+        second = self.listening(socket.AF_INET, ("127.0.0.1", 0))
+        path = str(self.tempDir() / "admin.sock")
+        admin = self.listening(socket.AF_UNIX, path)
+        start = self.placeAt([first, second, admin])
+        result = listenFds(self.environ(3, "app.socket:app.socket:admin"), fdStart=start)
+        self.assertEqual(
+            [s.name for s in result],
+            [
+                f"tcp:127.0.0.1:{first.getsockname()[1]}",
+                f"tcp:127.0.0.1:{second.getsockname()[1]}",
+                "admin",
+            ],
+        )
+
     def test_notForUs(self) -> None:
         """
         Variables meant for another process (a different C{LISTEN_PID}), or incomplete ones,
