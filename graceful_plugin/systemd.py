@@ -363,6 +363,12 @@ def listenFds(
 def _listenFds(environ: Mapping[str, str], pid: int, fdStart: int) -> list[ActivatedSocket]:
     """
     The work of L{listenFds}, without the clean-up of the environment.
+
+    @param environ: the environment to read.
+    @param pid: our process id.
+    @param fdStart: the first descriptor.
+    @return: as L{listenFds}.
+    @raise ValueError: as L{listenFds}.
     """
     listenPid = environ.get("LISTEN_PID")
     if listenPid is None:

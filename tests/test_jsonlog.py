@@ -14,7 +14,7 @@ import sys
 import tempfile
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher
 from twisted.trial.unittest import SynchronousTestCase
@@ -57,7 +57,7 @@ class JSONLinesObserverTests(SynchronousTestCase):
         self.stream = io.StringIO()
         self.observer = jsonLinesObserver(self.stream)
         self.seen: list[dict[str, Any]] = []
-        self.publisher = LogPublisher(self.observer, self.seen.append)
+        self.publisher = LogPublisher(self.observer, cast(ILogObserver, self.seen.append))
         self.log = Logger(namespace="graceful.test", observer=self.publisher)
 
     def test_providesILogObserver(self) -> None:

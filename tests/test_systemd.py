@@ -22,9 +22,9 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.trial.unittest import SynchronousTestCase
 
 from graceful_plugin.systemd import (
@@ -73,7 +73,7 @@ class _Case(SynchronousTestCase):
         self.addCleanup(sock.close)
         return sock
 
-    def listening(self, family: int, address: object) -> socket.socket:
+    def listening(self, family: int, address: Any) -> socket.socket:
         """
         A listening stream socket bound to C{address}, closed after the test.
         """
@@ -114,7 +114,7 @@ class NotifierTests(_Case):
         """
         notifier = Notifier.fromEnvironment({"NOTIFY_SOCKET": address})
         events: list[dict[str, Any]] = []
-        notifier.log = Logger(observer=events.append)
+        notifier.log = Logger(observer=cast(ILogObserver, events.append))
         return notifier, events
 
     def receive(self, sock: socket.socket) -> tuple[bytes, int]:
@@ -248,7 +248,7 @@ class NotifierTests(_Case):
         for environ in ({}, {"NOTIFY_SOCKET": ""}):
             notifier = Notifier.fromEnvironment(environ)
             events: list[dict[str, Any]] = []
-            notifier.log = Logger(observer=events.append)
+            notifier.log = Logger(observer=cast(ILogObserver, events.append))
             self.assertFalse(notifier.enabled)
             self.assertIsNone(notifier.address)
             results = [
@@ -292,7 +292,7 @@ class NotifierTests(_Case):
         self.assertRaises(ValueError, Notifier, "relative/notify.sock")
         events: list[dict[str, Any]] = []
         original = Notifier.log
-        Notifier.log = Logger(observer=events.append)
+        Notifier.log = Logger(observer=cast(ILogObserver, events.append))
         self.addCleanup(setattr, Notifier, "log", original)
         notifier = Notifier.fromEnvironment({"NOTIFY_SOCKET": "vsock:2:1234"})
         self.assertFalse(notifier.enabled)
@@ -706,7 +706,7 @@ def _readUntil(stream: Any, predicate: Any, timeout: float) -> list[str]:
                     return lines
 
 
-def _receiveLine(address: object, family: int, timeout: float) -> dict[str, Any]:
+def _receiveLine(address: Any, family: int, timeout: float) -> dict[str, Any]:
     """
     Connect to C{address} and read one JSON line from it.
     """
@@ -719,7 +719,8 @@ def _receiveLine(address: object, family: int, timeout: float) -> dict[str, Any]
             if not chunk:
                 break
             data += chunk
-    return json.loads(data)
+    report: dict[str, Any] = json.loads(data)
+    return report
 
 
 class ActivatedProcessTests(_Case):
