@@ -495,7 +495,7 @@ class ReuseportRestarter(Restarter):
 
 class GracefulRestarter(Restarter):
     """``twistd graceful --takeover``: the restart ends when the old process has drained and
-    exited by itself (or the successor exited first, a failed takeover)."""
+    exited 0 by itself; it failed if the successor exits or the old one exits otherwise."""
 
     def __init__(self, children: Children, port: int, args: argparse.Namespace) -> None:
         super().__init__(children, port, args)
@@ -524,17 +524,18 @@ class GracefulRestarter(Restarter):
         deadline = start + self.args.start_timeout + self.args.drain_timeout
         while old.poll() is None and new.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
-        end = time.monotonic()
-        event = {"start": start, "end": end, "old_pid": old.pid, "new_pid": new.pid}
-        if old.returncode is not None:
-            self.current = new
-            event.update(old_exit=old.returncode, new_alive=new.poll() is None)
-        elif new.returncode is not None:
+        event = {"start": start, "end": time.monotonic(), "old_pid": old.pid, "new_pid": new.pid}
+        event["old_exit"] = old.poll()
+        if new.poll() is not None:
             failed = f"successor exited {new.returncode}"
             event.update(failed=failed, log=self.children.log_tail(new))
-        else:
-            event.update(failed="old generation still running at the deadline")
-            self.current = new
+            if old.returncode is None:
+                return event  # the old generation serves on
+        elif old.returncode is None:
+            event["failed"] = "old generation still running at the deadline"
+        elif old.returncode != 0:
+            event["failed"] = f"old generation exited {old.returncode}, not 0"
+        self.current = new
         return event
 
 
@@ -837,7 +838,9 @@ class HardTimeout(Exception):
     """The whole run took longer than ``--hard-timeout``."""
 
 
-def _raise(exc: BaseException):
+def raise_on_signal(exc: BaseException):
+    """A signal handler that raises ``exc`` in the main thread, so ``finally`` blocks clean up."""
+
     def handler(signum, frame):
         raise exc
 
@@ -928,8 +931,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run each mode, print the table, write the JSON and the plot; 2 when a run broke."""
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise(KeyboardInterrupt()))
-    signal.signal(signal.SIGALRM, _raise(HardTimeout(f"run exceeded {args.hard_timeout:.0f} s")))
+    signal.signal(signal.SIGTERM, raise_on_signal(KeyboardInterrupt()))
+    signal.signal(
+        signal.SIGALRM, raise_on_signal(HardTimeout(f"run exceeded {args.hard_timeout:.0f} s"))
+    )
     signal.setitimer(signal.ITIMER_REAL, args.hard_timeout)
     runs = []
     try:

@@ -1,0 +1,217 @@
+"""Steady-state requests per second: graceful's demo app next to plain ``twistd web``.
+
+    python benchmarks/throughput.py --duration 5 --rounds 3 --json throughput.json
+
+Both servers run at once on their own ports, and serve the same ``/bytes/N`` (``twistd web``
+with ``bytes_resource.BytesRoot``); the load meets them in turn, alternating the order each round.
+Each request opens a new connection unless ``--keepalive``. The load generator is ``wrk`` when it
+is installed (one thread, leaving the other core to the server), else client processes of
+``loadtest.py``. Target: graceful serves at least 97% of the requests per second of twistd web.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from loadtest import (
+    HERE,
+    HOST,
+    Children,
+    HardTimeout,
+    LoadSpec,
+    ServerDied,
+    Workers,
+    accepts_connections,
+    free_port,
+    graceful_available,
+    machine,
+    raise_on_signal,
+    run_client,
+    wait_until,
+)
+
+TARGET_RATIO = 0.97
+"""Graceful's requests per second over twistd web's, at least."""
+
+
+def start_servers(children: Children, args: argparse.Namespace) -> dict[str, int]:
+    """Start the graceful demo app and twistd web; return each one's port once it serves."""
+    ports = {"graceful": free_port(), "web": free_port()}
+    tmp = children.tmp
+    python_path = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
+    procs = {
+        "graceful": children.spawn(
+            "graceful",
+            [args.twistd, "-n", "--pidfile", str(tmp / "graceful.pid"), "graceful"]
+            + ["--port", f"tcp:{ports['graceful']}:interface={HOST}"]
+            + ["--control", str(tmp / "control.sock")],
+        ),
+        "web": children.spawn(
+            "web",
+            [args.twistd, "-n", "--pidfile", str(tmp / "web.pid"), "web"]
+            + ["--listen", f"tcp:{ports['web']}:interface={HOST}"]
+            + ["--class", "bytes_resource.BytesRoot"],
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), *python_path])},
+        ),
+    }
+    for name, proc in procs.items():
+        port = ports[name]
+        wait_until(lambda port=port: accepts_connections(port), [proc], 30, name, children)
+        spec = LoadSpec(port, args.body, time.monotonic() + 0.2, 10, 0.01)
+        records, others = run_client(spec)
+        if not records or any(outcome for _, _, outcome in records) or others:
+            raise ServerDied(f"{name} does not serve /bytes/{args.body} right: {dict(others)}")
+    return ports
+
+
+def measure_wrk(port: int, seconds: float, args: argparse.Namespace) -> dict:
+    """Run wrk for ``seconds``; return its requests per second and error counts."""
+    argv = ["wrk", "-t", str(args.wrk_threads), "-c", str(args.connections)]
+    argv += ["-d", f"{seconds:g}s", "--timeout", "10s"]
+    if not args.keepalive:
+        argv += ["-H", "Connection: close"]
+    argv.append(f"http://{HOST}:{port}/bytes/{args.body}")
+    out = subprocess.run(
+        argv, capture_output=True, text=True, timeout=seconds + 30, check=True
+    ).stdout
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if rps is None:
+        raise RuntimeError(f"wrk printed no Requests/sec:\n{out}")
+    sockets = re.search(r"connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = sum(map(int, sockets.groups())) if sockets else 0
+    return {"rps": float(rps.group(1)), "errors": errors + (int(non_2xx[1]) if non_2xx else 0)}
+
+
+def measure_python(port: int, seconds: float, args: argparse.Namespace, tmp: Path) -> dict:
+    """Run ``--connections`` client processes for ``seconds``; return requests/s and errors."""
+    workers = Workers(Path(tempfile.mkdtemp(dir=tmp)))
+    try:
+        start = time.monotonic()
+        spec = LoadSpec(port, args.body, start + seconds, 10, 0.01, keepalive=args.keepalive)
+        for _ in range(args.connections):
+            workers.start("client", spec)
+        results = workers.join(seconds + 30)
+    finally:
+        workers.kill()
+    outcomes = [outcome for result in results for _, _, outcome in result["records"]]
+    ok = outcomes.count(0)
+    return {"rps": round(ok / seconds, 1), "errors": len(outcomes) - ok}
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Start both servers, load each in turn for every round, stop them; return the numbers."""
+    tmp = Path(tempfile.mkdtemp(prefix="graceful-throughput-"))
+    children = Children(tmp)
+    try:
+        ports = start_servers(children, args)
+
+        def measure(name: str, seconds: float) -> dict:
+            if args.client == "wrk":
+                return measure_wrk(ports[name], seconds, args)
+            return measure_python(ports[name], seconds, args, tmp)
+
+        order = ["graceful", "web"]
+        for name in order:
+            measure(name, args.warmup)
+        rounds: dict[str, list[dict]] = {name: [] for name in order}
+        for index in range(args.rounds):
+            for name in order if index % 2 == 0 else order[::-1]:
+                rounds[name].append(measure(name, args.duration))
+        for proc in children.alive():
+            children.stop(proc, 10)
+    finally:
+        children.kill_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+    result = {
+        name: {
+            "rps_median": statistics.median(r["rps"] for r in runs),
+            "rps": [r["rps"] for r in runs],
+            "errors": sum(r["errors"] for r in runs),
+        }
+        for name, runs in rounds.items()
+    }
+    result["ratio"] = round(result["graceful"]["rps_median"] / result["web"]["rps_median"], 4)
+    result["ratio_within_target"] = result["ratio"] >= TARGET_RATIO
+    return result
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Read the command line; pick the load generator."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add = parser.add_argument
+    add("--duration", type=float, default=5.0, help="seconds of load per server per round")
+    add("--rounds", type=int, default=3, help="rounds; the median is compared")
+    add("--warmup", type=float, default=1.0, help="seconds of load per server first, not counted")
+    add("--connections", type=int, default=16, help="concurrent connections (or processes)")
+    add("--body", type=int, default=1024, help="response body size, bytes")
+    add("--keepalive", action="store_true", help="reuse connections (default: one per request)")
+    add(
+        "--client",
+        choices=["auto", "wrk", "python"],
+        default="auto",
+        help="load generator (auto: wrk when installed)",
+    )
+    add("--wrk-threads", type=int, default=1, help="wrk threads")
+    add("--twistd", default=str(Path(sys.executable).with_name("twistd")), help="twistd to run")
+    add("--json", type=Path, help="write the numbers to this file")
+    args = parser.parse_args(argv)
+    if args.client == "auto":
+        args.client = "wrk" if shutil.which("wrk") else "python"
+    if not graceful_available(args.twistd):
+        parser.error(f"'{args.twistd} graceful' does not run here")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure, print both servers' requests/s and the ratio, write the JSON."""
+    args = parse_args(argv)
+    limit = (args.rounds + 1) * 2 * (args.duration + 30) + 120
+    signal.signal(signal.SIGTERM, raise_on_signal(KeyboardInterrupt()))
+    signal.signal(signal.SIGALRM, raise_on_signal(HardTimeout(f"run exceeded {limit:.0f} s")))
+    signal.setitimer(signal.ITIMER_REAL, limit)
+    try:
+        result = run(args)
+    except (ServerDied, HardTimeout, RuntimeError, subprocess.SubprocessError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: every process stopped, temporary files removed", file=sys.stderr)
+        return 130
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    connection = "keep-alive" if args.keepalive else "a new connection per request"
+    print(
+        f"{args.client}, {args.connections} connections, {connection}, /bytes/{args.body}, "
+        f"{args.rounds} x {args.duration:g} s"
+    )
+    for name in ("graceful", "web"):
+        numbers = result[name]
+        each = " ".join(f"{rps:.0f}" for rps in numbers["rps"])
+        print(
+            f"  {name:9} {numbers['rps_median']:9.1f} req/s median  (rounds: {each}; "
+            f"errors: {numbers['errors']})"
+        )
+    verdict = "PASS" if result["ratio_within_target"] else "FAIL"
+    print(
+        f"  ratio graceful / web: {result['ratio']:.1%}   target >= {TARGET_RATIO:.0%}  {verdict}"
+    )
+    if args.json is not None:
+        document = {"machine": machine(), "config": vars(args), "result": result}
+        args.json.write_text(json.dumps(document, indent=1, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
