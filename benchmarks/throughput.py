@@ -73,10 +73,10 @@ def start_servers(children: Children, args: argparse.Namespace) -> dict[str, int
     return ports
 
 
-def measure_wrk(port: int, seconds: float, args: argparse.Namespace) -> dict:
+def measure_wrk(port: int, seconds: int, args: argparse.Namespace) -> dict:
     """Run wrk for ``seconds``; return its requests per second and error counts."""
     argv = ["wrk", "-t", str(args.wrk_threads), "-c", str(args.connections)]
-    argv += ["-d", f"{seconds:g}s", "--timeout", "10s"]
+    argv += ["-d", f"{seconds}s", "--timeout", "10s"]
     if not args.keepalive:
         argv += ["-H", "Connection: close"]
     argv.append(f"http://{HOST}:{port}/bytes/{args.body}")
@@ -92,7 +92,7 @@ def measure_wrk(port: int, seconds: float, args: argparse.Namespace) -> dict:
     return {"rps": float(rps.group(1)), "errors": errors + (int(non_2xx[1]) if non_2xx else 0)}
 
 
-def measure_python(port: int, seconds: float, args: argparse.Namespace, tmp: Path) -> dict:
+def measure_python(port: int, seconds: int, args: argparse.Namespace, tmp: Path) -> dict:
     """Run ``--connections`` client processes for ``seconds``; return requests/s and errors."""
     workers = Workers(Path(tempfile.mkdtemp(dir=tmp)))
     try:
@@ -115,13 +115,13 @@ def run(args: argparse.Namespace) -> dict:
     try:
         ports = start_servers(children, args)
 
-        def measure(name: str, seconds: float) -> dict:
+        def measure(name: str, seconds: int) -> dict:
             if args.client == "wrk":
                 return measure_wrk(ports[name], seconds, args)
             return measure_python(ports[name], seconds, args, tmp)
 
         order = ["graceful", "web"]
-        for name in order:
+        for name in order if args.warmup else ():
             measure(name, args.warmup)
         rounds: dict[str, list[dict]] = {name: [] for name in order}
         for index in range(args.rounds):
@@ -151,9 +151,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add = parser.add_argument
-    add("--duration", type=float, default=5.0, help="seconds of load per server per round")
+    add("--duration", type=int, default=5, help="seconds of load per server per round")
     add("--rounds", type=int, default=3, help="rounds; the median is compared")
-    add("--warmup", type=float, default=1.0, help="seconds of load per server first, not counted")
+    add("--warmup", type=int, default=1, help="seconds of load per server first, not counted")
     add("--connections", type=int, default=16, help="concurrent connections (or processes)")
     add("--body", type=int, default=1024, help="response body size, bytes")
     add("--keepalive", action="store_true", help="reuse connections (default: one per request)")
@@ -167,6 +167,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--twistd", default=str(Path(sys.executable).with_name("twistd")), help="twistd to run")
     add("--json", type=Path, help="write the numbers to this file")
     args = parser.parse_args(argv)
+    if args.duration < 1 or args.rounds < 1 or args.warmup < 0 or args.connections < 1:
+        parser.error("--duration, --rounds and --connections must be at least 1, --warmup 0")
     if args.client == "auto":
         args.client = "wrk" if shutil.which("wrk") else "python"
     if not graceful_available(args.twistd):
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     connection = "keep-alive" if args.keepalive else "a new connection per request"
     print(
         f"{args.client}, {args.connections} connections, {connection}, /bytes/{args.body}, "
-        f"{args.rounds} x {args.duration:g} s"
+        f"{args.rounds} x {args.duration} s"
     )
     for name in ("graceful", "web"):
         numbers = result[name]

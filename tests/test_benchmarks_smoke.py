@@ -1,0 +1,109 @@
+"""Smoke tests of the benchmark tools: each runs a few seconds of real load and reports it."""
+
+import importlib.util
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+TWISTD = Path(sys.executable).with_name("twistd")
+
+
+def _loadtest_module():
+    spec = importlib.util.spec_from_file_location("loadtest", BENCHMARKS / "loadtest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _require_graceful() -> None:
+    """Skip unless ``twistd --help`` lists the graceful command."""
+    try:
+        listing = subprocess.run(
+            [TWISTD, "--help"], capture_output=True, text=True, timeout=60, check=False
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"twistd does not run: {exc}")
+    if not any(line.split()[:1] == ["graceful"] for line in listing.splitlines()):
+        pytest.skip("twistd --help lists no graceful command: the plugin is not installed")
+
+
+def _loadtest(tmp_path: Path, mode: str, *extra: str) -> dict:
+    """Run loadtest.py for one mode (2 restarts, small bodies, a slow download) and read its
+    JSON."""
+    out = tmp_path / f"{mode}.json"
+    argv = [sys.executable, str(BENCHMARKS / "loadtest.py"), "--mode", mode]
+    argv += ["--clients", "3", "--body", "512", "--restarts", "2", "--interval", "1.5"]
+    argv += ["--downloaders", "1", "--download-size", "262144", "--download-rate", "524288"]
+    argv += ["--json", str(out), *extra]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["mode"] == mode
+    assert len(run["restarts"]) == 2
+    assert run["requests"]["ok"] > 0, done.stdout
+    return run
+
+
+def test_client_reads_chunked_bodies_and_classifies_short_ones():
+    """The load client counts a chunked body exactly and calls a body cut short an EOF."""
+    loadtest = _loadtest_module()
+    chunked = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n3;ext=1\r\nabc\r\n0\r\nTrailer: x\r\n\r\n"
+    )
+    short = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nConnection: close\r\n\r\nabc"
+    server, client = socket.socketpair()
+    with server, client:
+        server.sendall(chunked + short)
+        server.shutdown(socket.SHUT_WR)
+        response = loadtest._Response(client, 7, 0)
+        assert response.read() == (8, True)
+        with pytest.raises(loadtest.PrematureEOF) as caught:
+            response.read()
+    assert loadtest.classify(caught.value) == "eof"
+
+
+def test_naive_restart_refuses_connections(tmp_path):
+    """A naive restart leaves the port closed while the load goes on, so clients are refused."""
+    run = _loadtest(tmp_path, "naive", "--down-time", "0.5")
+    assert run["requests"]["by_class"]["refused"] > 0
+    assert run["targets"]["zero_failures"] is False
+
+
+def test_reuseport_restart_never_refuses(tmp_path):
+    """A SO_REUSEPORT restart keeps a listener on the port throughout: no connect is refused."""
+    run = _loadtest(tmp_path, "reuseport")
+    assert run["requests"]["by_class"]["refused"] == 0
+    assert run["downloads"]["by_class"]["refused"] == 0
+    assert [event.get("failed") for event in run["restarts"]] == [None, None]
+
+
+def test_graceful_restart_fails_no_request(tmp_path):
+    """A graceful takeover under load fails no request and cuts no download short."""
+    _require_graceful()
+    run = _loadtest(tmp_path, "graceful")
+    assert [event.get("failed") for event in run["restarts"]] == [None, None]
+    assert run["requests"]["failed"] == 0, run["requests"]
+    assert run["downloads"]["failed"] == 0, run["downloads"]
+    assert run["downloads"]["ok"] > 0
+    assert run["server_alive_at_end"]
+
+
+def test_throughput_measures_both_servers(tmp_path):
+    """throughput.py loads graceful's demo app and twistd web and reports both rates."""
+    _require_graceful()
+    out = tmp_path / "throughput.json"
+    argv = [sys.executable, str(BENCHMARKS / "throughput.py"), "--duration", "1", "--rounds", "1"]
+    argv += ["--warmup", "0", "--connections", "4", "--json", str(out)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(out.read_text())["result"]
+    assert result["graceful"]["rps_median"] > 0
+    assert result["web"]["rps_median"] > 0
+    assert result["graceful"]["errors"] == result["web"]["errors"] == 0
+    assert result["ratio"] > 0
