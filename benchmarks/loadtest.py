@@ -241,6 +241,9 @@ class Workers:
         late = [proc.pid for _, proc in self._procs if proc.is_alive()]
         if late:
             raise RuntimeError(f"client processes {late} still running after {timeout:.0f} s")
+        crashed = [proc.pid for _, proc in self._procs if proc.exitcode != 0]
+        if crashed:
+            raise RuntimeError(f"client processes {crashed} crashed")
         return [json.loads(out.read_text()) for out, _ in self._procs]
 
     def kill(self) -> None:
@@ -261,6 +264,7 @@ class Children:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self._procs: list[subprocess.Popen] = []
+        self._names: dict[int, str] = {}
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None):
         """Start ``argv`` in its own session (Ctrl-C reaches only us), stdout to ``name.log``."""
@@ -275,13 +279,17 @@ class Children:
                 start_new_session=True,
                 preexec_fn=die_with_parent,
             )
-        proc.log_name = name  # type: ignore[attr-defined]
         self._procs.append(proc)
+        self._names[proc.pid] = name
         return proc
+
+    def name(self, proc: subprocess.Popen) -> str:
+        """The name ``proc`` was spawned with."""
+        return self._names[proc.pid]
 
     def log_tail(self, proc: subprocess.Popen, lines: int = 15) -> str:
         """The last lines ``proc`` logged, to explain a failure."""
-        path = self.tmp / f"{proc.log_name}.log"  # type: ignore[attr-defined]
+        path = self.tmp / f"{self.name(proc)}.log"
         text = path.read_text(errors="replace") if path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
 
@@ -379,7 +387,7 @@ class Restarter:
             lambda: accepts_connections(self.port),
             [proc],
             self.args.start_timeout,
-            f"starting {proc.log_name}",  # type: ignore[attr-defined]
+            f"starting {self.children.name(proc)}",
             self.children,
         )
 
@@ -644,10 +652,11 @@ def timeline(records: list[tuple[float, float, int]], step: float = 1.0) -> list
 
 
 def verdicts(run: dict) -> dict:
-    """The graceful targets, checked against one run's numbers."""
+    """The graceful targets, checked against one run's numbers (every restart completed too)."""
     failed = run["requests"]["failed"] + run["downloads"]["failed"]
     ratio = run["ratio"]
     return {
+        "restarts_ok": not any("failed" in event for event in run["restarts"]),
         "zero_failures": failed == 0,
         "ratio_within_target": ratio is not None and ratio <= TARGET_RATIO,
     }
