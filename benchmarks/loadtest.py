@@ -940,7 +940,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run each mode, print the table, write the JSON and the plot; 2 when a run broke."""
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, raise_on_signal(KeyboardInterrupt()))
+    for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell may have ignored it
+        signal.signal(signum, raise_on_signal(KeyboardInterrupt()))
     signal.signal(
         signal.SIGALRM, raise_on_signal(HardTimeout(f"run exceeded {args.hard_timeout:.0f} s"))
     )

@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     """Measure, print both servers' requests/s and the ratio, write the JSON."""
     args = parse_args(argv)
     limit = (args.rounds + 1) * 2 * (args.duration + 30) + 120
-    signal.signal(signal.SIGTERM, raise_on_signal(KeyboardInterrupt()))
+    for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell may have ignored it
+        signal.signal(signum, raise_on_signal(KeyboardInterrupt()))
     signal.signal(signal.SIGALRM, raise_on_signal(HardTimeout(f"run exceeded {limit:.0f} s")))
     signal.setitimer(signal.ITIMER_REAL, limit)
     try:
