@@ -45,11 +45,12 @@ class BytesRoot(resource.Resource):
 
     def render_GET(self, request: server.Request) -> bytes | int:
         """Stream the body through a pull producer, an empty one written at once."""
-        if len(request.postpath) != 2 or request.postpath[0] != b"bytes":
+        path = request.postpath or []
+        if len(path) != 2 or path[0] != b"bytes":
             request.setResponseCode(404)
             return b"not found\n"
         try:
-            size = int(request.postpath[1])
+            size = int(path[1])
         except ValueError:
             size = -1
         if size < 0:

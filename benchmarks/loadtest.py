@@ -38,6 +38,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from importlib import metadata
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -191,7 +192,7 @@ def run_client(spec: LoadSpec) -> tuple[list[tuple[float, float, int]], Counter]
             if outcome == "other":
                 others[f"{type(exc).__name__}: {exc}"] += 1
         records.append((start, time.monotonic() - start, OUTCOMES.index(outcome)))
-        if not (keep_open and spec.keepalive):
+        if sock is not None and not (keep_open and spec.keepalive):
             sock.close()
             sock = None
         if outcome != "ok":
@@ -223,7 +224,7 @@ class Workers:
 
     def __init__(self, tmp: Path) -> None:
         self._tmp = tmp
-        self._procs: list[tuple[Path, multiprocessing.Process]] = []
+        self._procs: list[tuple[Path, BaseProcess]] = []
         self._ctx = multiprocessing.get_context("fork")
 
     def start(self, kind: str, spec: LoadSpec) -> None:
@@ -369,12 +370,14 @@ class Restarter:
     Times in the events that ``restart`` returns are ``time.monotonic()`` values.
     """
 
+    current: subprocess.Popen
+    """The server that serves now (set by ``start``)."""
+
     def __init__(self, children: Children, port: int, args: argparse.Namespace) -> None:
         self.children = children
         self.port = port
         self.args = args
         self.generation = 0
-        self.current: subprocess.Popen | None = None
         self.server_kind = ""
 
     def launch(self) -> subprocess.Popen:
@@ -470,16 +473,17 @@ class ReuseportRestarter(Restarter):
     def __init__(self, children: Children, port: int, args: argparse.Namespace) -> None:
         super().__init__(children, port, args)
         self.server_kind = "reuseport_server.py --reuseport"
-        self._ready: Path | None = None
+        self._ready: dict[int, Path] = {}
 
     def launch(self) -> subprocess.Popen:
         """Start a standalone server with SO_REUSEPORT and remember its ready file."""
-        proc, self._ready = self._standalone(reuseport=True)
+        proc, ready = self._standalone(reuseport=True)
+        self._ready[proc.pid] = ready
         return proc
 
     def wait_serving(self, proc: subprocess.Popen) -> None:
         """Wait for the ready file: the port accepts anyway while the old server lives."""
-        ready = self._ready
+        ready = self._ready[proc.pid]
         wait_until(ready.exists, [proc], self.args.start_timeout, "starting", self.children)
 
     def restart(self) -> dict:
@@ -597,7 +601,7 @@ def summarize(results: list[dict], events: list[dict], origin: float, window: fl
     Latency counts successful client requests only (a refused connect is fast, not good).
     A request is "near a restart" when it overlaps ``[start - window, end + window]`` of one.
     """
-    records = {"client": [], "download": []}
+    records: dict[str, list[tuple[float, float, int]]] = {"client": [], "download": []}
     others: Counter = Counter()
     for result in results:
         records[result["kind"]] += [(s - origin, lat, o) for s, lat, o in result["records"]]

@@ -12,6 +12,7 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 from bytes_resource import BytesRoot
 from twisted.logger import globalLogBeginner, textFileLogObserver
@@ -37,23 +38,27 @@ def write_ready_file(path: Path) -> None:
     partial.rename(path)
 
 
+def serve(port: int, reuseport: bool, ready_file: Path | None, reactor: Any = None) -> None:
+    """Serve ``/bytes/N`` on 127.0.0.1:port until the reactor stops (SIGTERM, SIGINT)."""
+    if reactor is None:
+        from twisted.internet import reactor
+    sock = listening_socket(port, reuseport)
+    reactor.adoptStreamPort(sock.fileno(), socket.AF_INET, server.Site(BytesRoot()))
+    sock.close()
+    if ready_file is not None:
+        write_ready_file(ready_file)
+    reactor.run()
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Serve until SIGTERM or SIGINT, logging to stdout like ``twistd -n``."""
+    """Parse the command line, log to stdout like ``twistd -n``, and serve."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True, help="TCP port on 127.0.0.1")
     parser.add_argument("--reuseport", action="store_true", help="set SO_REUSEPORT on the socket")
     parser.add_argument("--ready-file", type=Path, help="created once the socket is listening")
     args = parser.parse_args(argv)
-
-    from twisted.internet import reactor
-
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
-    sock = listening_socket(args.port, args.reuseport)
-    reactor.adoptStreamPort(sock.fileno(), socket.AF_INET, server.Site(BytesRoot()))
-    sock.close()
-    if args.ready_file is not None:
-        write_ready_file(args.ready_file)
-    reactor.run()
+    serve(args.port, args.reuseport, args.ready_file)
 
 
 if __name__ == "__main__":

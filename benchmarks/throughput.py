@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from loadtest import (
     HERE,
@@ -132,7 +133,7 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         children.kill_all()
         shutil.rmtree(tmp, ignore_errors=True)
-    result = {
+    result: dict[str, Any] = {
         name: {
             "rps_median": statistics.median(r["rps"] for r in runs),
             "rps": [r["rps"] for r in runs],
