@@ -883,7 +883,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="bytes per second each downloader reads at most",
     )
     add("--restarts", type=int, default=5, help="restarts during the run")
-    add("--interval", type=float, default=3.0, help="seconds between restarts")
+    add("--interval", type=float, default=5.0, help="seconds between restarts")
     add("--duration", type=float, help="seconds of load (default: interval x (restarts + 1))")
     add(
         "--window",
