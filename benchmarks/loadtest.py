@@ -741,7 +741,7 @@ def table(runs: list[dict]) -> str:
             + [run["downloads"]["total"], run["downloads"]["failed"]]
             + [lat["p50"], lat["p99"], lat["max"]]
             + [run["steady_latency_ms"]["p99"], run["near_restart_latency_ms"]["p99"]]
-            + [run["ratio"]]
+            + [None if run["ratio"] is None else f"{run['ratio']:.2f}"]
         )
     cells = [[_fmt(value) for value in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
