@@ -1,0 +1,436 @@
+"""
+Listening sockets: parse ``--port`` specifications, create and bind the sockets ourselves, and
+the adoptable listening-port classes that can pause, resume and release a socket without ever
+shutting it down or unlinking a path that a successor now owns.
+
+Why we create every socket ourselves, even in the first process: Twisted's ``tcp.Port`` calls
+``shutdown(2)`` on a socket it created when it stops listening, which would also stop the
+successor's accepting on the very same kernel socket; and ``unix.Port`` unlinks its path on close.
+A port built from an adopted descriptor does neither.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import tcp, unix
+from twisted.internet.address import UNIXAddress
+from twisted.internet.interfaces import IProtocolFactory, IReactorFDSet
+from twisted.logger import Logger
+
+from graceful_plugin.sessions import SessionTracker
+
+KINDS = ("tcp", "tcp6", "unix")
+
+
+def defaultBacklog() -> int:
+    """
+    The listen backlog: the kernel's ``somaxconn``, so that connections arriving while nobody
+    accepts (the moment of a handoff) wait in the queue instead of being refused.
+    """
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return max(int(f.read().strip()), 128)
+    except (OSError, ValueError):
+        return 4096
+
+
+@dataclass(frozen=True)
+class ListenerSpec:
+    """
+    One listener as named on the command line.
+
+    @ivar name: the listener's name (``web`` in ``web=tcp:8080``; by default kind and address).
+    @ivar kind: ``tcp``, ``tcp6`` or ``unix``.
+    @ivar host: the interface for TCP kinds.
+    @ivar port: the port number for TCP kinds (0 lets the kernel choose).
+    @ivar path: the filesystem path for ``unix``.
+    @ivar mode: the permission bits of a Unix socket's path.
+    """
+
+    name: str
+    kind: str
+    host: str = ""
+    port: int = 0
+    path: str = ""
+    mode: int = 0o666
+    backlog: int = field(default_factory=defaultBacklog, compare=False)
+
+    @property
+    def address(self) -> str:
+        """
+        The address in a form people read and that identifies the listener across generations.
+        """
+        if self.kind == "unix":
+            return self.path
+        if self.kind == "tcp6":
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+def _splitParams(text: str) -> tuple[list[str], dict[str, str]]:
+    """
+    Split a Twisted-style server string (``kind:positional:key=value``) honouring ``\\:``.
+    """
+    parts: list[str] = []
+    current = ""
+    escaped = False
+    for ch in text:
+        if escaped:
+            current += ch
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == ":":
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    parts.append(current)
+    positional: list[str] = []
+    keywords: dict[str, str] = {}
+    for part in parts:
+        key, eq, value = part.partition("=")
+        if eq and key.isidentifier():
+            keywords[key] = value
+        else:
+            positional.append(part)
+    return positional, keywords
+
+
+def _parsePortNumber(text: str, spec: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        raise ValueError(f"{spec!r}: the port must be a number, not {text!r}") from None
+    if not 0 <= number <= 65535:
+        raise ValueError(f"{spec!r}: the port must be between 0 and 65535, not {number}")
+    return number
+
+
+def parseListener(text: str, relativeTo: str | None = None) -> ListenerSpec:
+    """
+    Parse one ``--port`` value.
+
+    ``8080`` means ``tcp:8080``; ``tcp:PORT[:interface=HOST][:backlog=N]``,
+    ``tcp6:PORT[:interface=HOST]`` and ``unix:PATH[:mode=0660][:backlog=N]`` are accepted, each
+    optionally preceded by ``NAME=``.
+
+    @param relativeTo: the directory a relative Unix path is taken from (the working directory
+        when L{None}), so that the path still means the same after ``twistd`` changes directory.
+    @raise ValueError: with a sentence a user understands.
+    """
+    original = text
+    name = ""
+    head, eq, rest = text.partition("=")
+    if eq and head and ":" not in head and head.replace("-", "_").isidentifier():
+        name, text = head, rest
+    if not text:
+        raise ValueError(f"{original!r}: no listener given")
+    if text.isdigit():
+        text = "tcp:" + text
+    positional, keywords = _splitParams(text)
+    kind = positional[0]
+    args = positional[1:]
+    if kind not in KINDS:
+        raise ValueError(
+            f"{original!r}: unknown listener kind {kind!r} (expected one of {', '.join(KINDS)},"
+            " or a bare port number)"
+        )
+    allowed = {"tcp": {"interface", "backlog"}, "tcp6": {"interface", "backlog"}}.get(
+        kind, {"mode", "backlog", "lockfile"}
+    )
+    unknown = set(keywords) - allowed
+    if unknown:
+        raise ValueError(f"{original!r}: unknown option(s) {', '.join(sorted(unknown))}")
+    if len(args) != 1 or not args[0]:
+        what = "a path" if kind == "unix" else "a port number"
+        raise ValueError(f"{original!r}: expected {what} after {kind!r}")
+    backlog = defaultBacklog()
+    if "backlog" in keywords:
+        try:
+            backlog = int(keywords["backlog"])
+        except ValueError:
+            raise ValueError(f"{original!r}: backlog must be a number") from None
+    if kind == "unix":
+        path = args[0]
+        if relativeTo is not None:
+            path = os.path.join(relativeTo, path)
+        path = os.path.abspath(path)
+        mode = 0o666
+        if "mode" in keywords:
+            try:
+                mode = int(keywords["mode"], 8)
+            except ValueError:
+                raise ValueError(f"{original!r}: mode must be octal, like 0660") from None
+        spec = ListenerSpec(name="", kind=kind, path=path, mode=mode, backlog=backlog)
+    else:
+        port = _parsePortNumber(args[0], original)
+        host = keywords.get("interface", "::" if kind == "tcp6" else "0.0.0.0")
+        host = host.strip("[]")
+        family = socket.AF_INET6 if kind == "tcp6" else socket.AF_INET
+        try:
+            socket.inet_pton(family, host.split("%")[0])
+        except OSError:
+            raise ValueError(
+                f"{original!r}: {host!r} is not an IPv{'6' if kind == 'tcp6' else '4'} address"
+            ) from None
+        spec = ListenerSpec(name="", kind=kind, host=host, port=port, backlog=backlog)
+    return ListenerSpec(
+        name=name or f"{spec.kind}:{spec.address}",
+        kind=spec.kind,
+        host=spec.host,
+        port=spec.port,
+        path=spec.path,
+        mode=spec.mode,
+        backlog=spec.backlog,
+    )
+
+
+def bindListener(spec: ListenerSpec) -> socket.socket:
+    """
+    Create, bind and listen on the socket for C{spec}: non-blocking, close-on-exec, with a large
+    backlog.
+
+    @raise OSError: when the address cannot be bound (in use, no permission, no such interface).
+    """
+    if spec.kind == "unix":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            _removeStaleSocket(spec.path)
+            # Bind under a umask that leaves no moment with wider permissions than asked for.
+            old = os.umask(0o777 & ~spec.mode)
+            try:
+                sock.bind(spec.path)
+            finally:
+                os.umask(old)
+            os.chmod(spec.path, spec.mode)
+            sock.listen(spec.backlog)
+        except BaseException:
+            sock.close()
+            raise
+    else:
+        family = socket.AF_INET6 if spec.kind == "tcp6" else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                info = socket.getaddrinfo(
+                    spec.host, spec.port, family, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST
+                )
+                sock.bind(info[0][4])
+            else:
+                sock.bind((spec.host, spec.port))
+            sock.listen(spec.backlog)
+        except BaseException:
+            sock.close()
+            raise
+    sock.setblocking(False)
+    return sock
+
+
+def _removeStaleSocket(path: str) -> None:
+    """
+    Remove a Unix socket file that no process listens on any more; refuse to touch a live one or
+    anything that is not a socket.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(f"{path} exists and is not a socket; not replacing it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1)
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+        return
+    except OSError as e:
+        raise OSError(f"{path} cannot be checked for a live server: {e.strerror}") from None
+    finally:
+        probe.close()
+    raise OSError(f"{path} is in use by a running server")
+
+
+def familyOf(kind: str) -> socket.AddressFamily:
+    """
+    The address family of a listener kind.
+    """
+    return {"tcp": socket.AF_INET, "tcp6": socket.AF_INET6, "unix": socket.AF_UNIX}[kind]
+
+
+class _TrackedTCPServer(tcp.Server):
+    """
+    A TCP connection transport that tells its port's L{SessionTracker} when it opens and closes.
+    Tracking in the transport costs nothing per byte (no wrapping protocol).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.server.sessions.opened(self)
+
+    def connectionLost(self, reason: Any) -> None:
+        try:
+            super().connectionLost(reason)
+        finally:
+            self.server.sessions.closed(self)
+
+
+class _TrackedUNIXServer(unix.Server):
+    """
+    A Unix connection transport that tells its port's L{SessionTracker} when it opens and closes.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.server.sessions.opened(self)
+
+    def connectionLost(self, reason: Any) -> None:
+        try:
+            super().connectionLost(reason)
+        finally:
+            self.server.sessions.closed(self)
+
+
+class _AdoptablePortMixin:
+    """
+    What our listening ports add to Twisted's: adopt a descriptor without accepting yet, pause
+    and resume accepting, and release the socket without C{shutdown()} or unlinking.
+
+    The private hook this relies on (C{_fromListeningDescriptor}, the same one
+    C{IReactorSocket.adoptStreamPort} uses) is wrapped here and nowhere else.
+    """
+
+    log = Logger()
+    sessions: SessionTracker
+    name: str
+    kind: str
+    _unlinkOnClose = False
+    _accepting = False
+
+    def pauseAccepting(self) -> None:
+        """
+        Stop calling C{accept()}; the socket stays open and the kernel keeps queueing connections.
+        """
+        if self._accepting:
+            self._accepting = False
+            self.stopReading()  # type: ignore[attr-defined]
+
+    def resumeAccepting(self) -> None:
+        """
+        Start (or resume) calling C{accept()} on the socket.
+        """
+        if not self._accepting and self.connected:  # type: ignore[attr-defined]
+            self._accepting = True
+            self.startReading()  # type: ignore[attr-defined]
+
+    @property
+    def accepting(self) -> bool:
+        """
+        Whether this port is calling C{accept()}.
+        """
+        return self._accepting
+
+    def release(self) -> Any:
+        """
+        Close our copy of the socket: never C{shutdown()}, never unlink the path.  Another process
+        holding the same socket keeps accepting on it undisturbed.
+        """
+        self._accepting = False
+        self._unlinkOnClose = False
+        return self.stopListening()  # type: ignore[attr-defined]
+
+    def close(self) -> Any:
+        """
+        Close the socket for good, as the last generation: a Unix socket's path is unlinked.
+        """
+        self._accepting = False
+        self._unlinkOnClose = True
+        return self.stopListening()  # type: ignore[attr-defined]
+
+
+class AdoptedTCPPort(_AdoptablePortMixin, tcp.Port):
+    """
+    A TCP listening port built from a descriptor we created or were handed.
+    """
+
+    transport = _TrackedTCPServer
+
+    def startListening(self) -> None:
+        super().startListening()
+        # tcp.Port.startListening starts reading at once: an adopted port accepts only when told.
+        self.stopReading()
+
+
+class AdoptedUNIXPort(_AdoptablePortMixin, unix.Port):
+    """
+    A Unix stream listening port built from a descriptor we created or were handed.
+    """
+
+    transport = _TrackedUNIXServer
+
+    def startListening(self) -> None:
+        # unix.Port.startListening calls listen() again with self.backlog and chmods the path to
+        # self.mode: keep what the socket already has.
+        path = self._bindPath
+        try:
+            self.mode = stat.S_IMODE(os.stat(path).st_mode)
+        except (OSError, TypeError):
+            pass
+        super().startListening()
+        self.stopReading()
+
+    def connectionLost(self, reason: Any) -> None:
+        if not self._unlinkOnClose:
+            # Skip unix.Port.connectionLost, which unlinks the path a successor owns.
+            tcp.Port.connectionLost(self, reason)
+            return
+        super().connectionLost(reason)
+
+
+def adoptListener(
+    reactor: IReactorFDSet,
+    fd: int,
+    kind: str,
+    factory: IProtocolFactory,
+    name: str = "",
+    backlog: int | None = None,
+) -> AdoptedTCPPort | AdoptedUNIXPort:
+    """
+    Build a listening port on a duplicate of C{fd}, listening but not accepting yet.  The caller
+    still owns C{fd} and must close it.
+
+    @param kind: ``tcp``, ``tcp6`` or ``unix``.
+    """
+    if kind == "unix":
+        port: AdoptedTCPPort | AdoptedUNIXPort = AdoptedUNIXPort._fromListeningDescriptor(
+            reactor, fd, factory
+        )
+    else:
+        port = AdoptedTCPPort._fromListeningDescriptor(reactor, fd, familyOf(kind), factory)
+    port.backlog = backlog if backlog is not None else defaultBacklog()
+    port.name = name
+    port.kind = kind
+    port.sessions = SessionTracker()
+    port.startListening()
+    return port
+
+
+def portAddress(port: AdoptedTCPPort | AdoptedUNIXPort) -> str:
+    """
+    The address a port listens on, in the same form as L{ListenerSpec.address}.
+    """
+    host = port.getHost()
+    if isinstance(host, UNIXAddress):
+        name = host.name
+        return name.decode() if isinstance(name, bytes) else str(name)
+    if port.kind == "tcp6":
+        return f"[{host.host}]:{host.port}"
+    return f"{host.host}:{host.port}"

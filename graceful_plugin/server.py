@@ -1,0 +1,504 @@
+"""
+A generation: the service that owns the listeners, the control socket and the state machine, and
+that either starts serving from scratch or takes over from a running predecessor.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.application import service
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from graceful_plugin import control, pidfile
+from graceful_plugin.control import (
+    CONTROL_KIND,
+    PROTOCOL_VERSION,
+    TAKEOVER_BATCH,
+    ControlProtocol,
+    HandoffBusy,
+    IControlHandler,
+    NoHandoff,
+    RolledBack,
+    VersionMismatch,
+)
+from graceful_plugin.listeners import (
+    AdoptedTCPPort,
+    AdoptedUNIXPort,
+    ListenerSpec,
+    adoptListener,
+    bindListener,
+    portAddress,
+)
+from graceful_plugin.machine import (
+    GenerationCore,
+    GenerationInputs,
+    IGenerationEffects,
+    makeGeneration,
+)
+
+Port = AdoptedTCPPort | AdoptedUNIXPort
+
+#: How often a draining generation reports its session count to its successor, at most.
+REPORT_INTERVAL = 0.2
+
+
+@dataclass
+class Settings:
+    """
+    What one generation was started with.
+
+    @ivar listeners: the listeners named on the command line (none: adopt what the predecessor
+        has).
+    @ivar controlPath: the control socket's path.
+    @ivar takeover: whether to take over from the server at C{controlPath}.
+    @ivar pidfile: the pidfile to own once serving (empty: none).
+    """
+
+    listeners: list[ListenerSpec]
+    controlPath: str
+    takeover: bool = False
+    pidfile: str = ""
+    handoffTimeout: float = 30.0
+    confirmTimeout: float = 10.0
+    drainTimeout: float = 60.0
+    connectTimeout: float = 5.0
+
+
+class TakeoverFailed(Exception):
+    """
+    A takeover could not be completed; the predecessor serves on.
+    """
+
+
+@dataclass
+class _Predecessor:
+    """
+    What we know of a generation still draining behind us.
+    """
+
+    entries: list[dict[str, Any]] = field(default_factory=list)
+
+
+@implementer(IGenerationEffects, IControlHandler)
+class GracefulServer(service.Service):
+    """
+    One generation of a graceful server.
+
+    @ivar generation: 1 for a server started from scratch, one more than its predecessor's for a
+        successor.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        settings: Settings,
+        factory: IProtocolFactory,
+        reactor: Any = None,
+        ready: Callable[[], Any] | None = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.settings = settings
+        self.factory = factory
+        self.reactor = reactor
+        self._ready = ready
+        self.generation = 1
+        self.startedAt = time.monotonic()
+        self.ports: list[Port] = []
+        self.controlPort: Port | None = None
+        self.machine: GenerationInputs | None = None
+        self._core: GenerationCore | None = None
+        self.exitCode = 0
+        self._successor: ControlProtocol | None = None
+        self._successorPid = 0
+        self._predecessors: dict[ControlProtocol, _Predecessor] = {}
+        self._predecessorLink: ControlProtocol | None = None
+        self._reportCall: Any = None
+        self._terminated: Deferred[None] = Deferred()
+        self._stopping = False
+
+    # -- starting ---------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self.reactor.addSystemEventTrigger("after", "shutdown", self._exitWithCode)
+        if self.settings.takeover:
+            from graceful_plugin.takeover import takeOver
+
+            d = Deferred.fromCoroutine(takeOver(self))
+            d.addErrback(self._takeoverFailed)
+        else:
+            try:
+                self._startFromScratch()
+            except OSError as e:
+                self.log.critical("cannot start: {error}", error=str(e))
+                self.exitCode = 1
+                self.reactor.callWhenRunning(self.reactor.stop)
+
+    def _startFromScratch(self) -> None:
+        ports: list[Port] = []
+        try:
+            for spec in self.settings.listeners:
+                ports.append(self._bindAndAdopt(spec, self.factory))
+            self.controlPort = self._bindAndAdopt(
+                ListenerSpec(
+                    name="control", kind="unix", path=self.settings.controlPath, mode=0o600
+                ),
+                self._controlFactory(),
+                kind=CONTROL_KIND,
+            )
+        except OSError:
+            for port in ports:
+                port.close()
+            raise
+        self.ports = ports
+        self.beginServing()
+
+    def _bindAndAdopt(self, spec: ListenerSpec, factory: Any, kind: str | None = None) -> Port:
+        try:
+            sock = bindListener(spec)
+        except OSError as e:
+            raise OSError(f"cannot listen on {spec.name} ({spec.address}): {e}") from None
+        try:
+            port = adoptListener(
+                self.reactor,
+                sock.fileno(),
+                "unix" if kind == CONTROL_KIND else spec.kind,
+                factory,
+                name=spec.name,
+                backlog=spec.backlog,
+            )
+        finally:
+            sock.close()
+        if kind is not None:
+            port.kind = kind
+        return port
+
+    def _controlFactory(self) -> Factory:
+        return Factory.forProtocol(lambda: ControlProtocol(self, checkPeer=True))
+
+    def beginServing(self) -> None:
+        """
+        Accept on every listener and the control socket, as the serving generation.
+        """
+        self._core = GenerationCore(
+            clock=self.reactor,
+            effects=self,
+            handoffTimeout=self.settings.handoffTimeout,
+            confirmTimeout=self.settings.confirmTimeout,
+            drainTimeout=self.settings.drainTimeout,
+        )
+        self.machine = makeGeneration(self._core)
+        for port in self._allPorts():
+            port.sessions.observe(self._sessionsChanged)
+            port.resumeAccepting()
+        if self.settings.pidfile:
+            pidfile.claim(self.settings.pidfile, os.getpid())
+        self.log.info(
+            "generation {generation} (pid {pid}) serving on {listeners}",
+            generation=self.generation,
+            pid=os.getpid(),
+            listeners=", ".join(f"{p.name}={portAddress(p)}" for p in self.ports),
+        )
+
+    def _allPorts(self) -> list[Port]:
+        return self.ports + ([self.controlPort] if self.controlPort is not None else [])
+
+    def _takeoverFailed(self, failure: Failure) -> None:
+        reason = failure.getErrorMessage() if failure.check(TakeoverFailed) else None
+        if reason is None:
+            self.log.failure("takeover failed", failure)
+            reason = f"{failure.type.__name__}: {failure.getErrorMessage()}"
+        self.log.critical(
+            "takeover from {path} failed: {reason}; the running server serves on",
+            path=self.settings.controlPath,
+            reason=reason,
+        )
+        self.exitCode = 1
+        if self.reactor.running:
+            self.reactor.stop()
+        else:
+            self.reactor.callWhenRunning(self.reactor.stop)
+
+    def _exitWithCode(self) -> None:
+        if self.settings.pidfile:
+            pidfile.release(self.settings.pidfile, os.getpid())
+        if self.exitCode:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(self.exitCode)
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if self.machine is None:
+            return succeed(None)
+        self._stopping = True
+        self.machine.stop()
+        return self._terminated
+
+    def stopGracefully(self, drainTimeout: float | None = None) -> None:
+        """
+        Stop as if by SIGTERM, optionally with a shorter drain deadline.
+        """
+        if drainTimeout is not None:
+            # The machine reads its deadline from the core when draining starts.
+            self.settings.drainTimeout = drainTimeout
+            if self._core is not None:
+                self._core.drainTimeout = drainTimeout
+        self.reactor.stop()
+
+    # -- IGenerationEffects -----------------------------------------------------------------
+
+    def pauseAccepting(self) -> None:
+        for port in self._allPorts():
+            port.pauseAccepting()
+
+    def resumeAccepting(self) -> None:
+        for port in self._allPorts():
+            port.resumeAccepting()
+
+    def releaseListeners(self) -> None:
+        for port in self._allPorts():
+            port.release()
+
+    def closeListeners(self) -> None:
+        for port in self._allPorts():
+            port.close()
+
+    def liveSessions(self) -> int:
+        return sum(port.sessions.count for port in self.ports)
+
+    def beginDrain(self) -> None:
+        live = self.liveSessions()
+        self.log.info(
+            "generation {generation} draining {sessions} sessions",
+            generation=self.generation,
+            sessions=live,
+        )
+        for port in self.ports:
+            port.sessions.drain()
+        self._sessionsChanged()
+
+    def abortSessions(self) -> None:
+        aborted = sum(port.sessions.abortAll() for port in self.ports)
+        self.log.warn(
+            "drain deadline passed: closed {sessions} sessions still open", sessions=aborted
+        )
+
+    def handoffStarted(self) -> None:
+        self.log.info(
+            "handoff to pid {pid} started", pid=self._successorPid, generation=self.generation
+        )
+
+    def handoffAborted(self, reason: str) -> None:
+        successor, self._successor = self._successor, None
+        self.log.warn(
+            "handoff to pid {pid} rolled back: {reason}; serving on",
+            pid=self._successorPid,
+            reason=reason,
+        )
+        if successor is not None and successor.transport is not None:
+            successor.transport.loseConnection()
+
+    def handoffCommitted(self) -> None:
+        successor = self._successor
+        elapsed = (time.monotonic() - successor.openedAt) * 1000 if successor else 0.0
+        self.log.info(
+            "handoff to pid {pid} confirmed {ms:.1f} ms after it connected; draining",
+            pid=self._successorPid,
+            ms=elapsed,
+        )
+        if self.settings.pidfile:
+            # The successor owns the pidfile now; never remove it on our way out.
+            self.settings.pidfile = ""
+
+    def terminated(self) -> None:
+        self.log.info(
+            "generation {generation} (pid {pid}) drained; exiting",
+            generation=self.generation,
+            pid=os.getpid(),
+        )
+        if self._reportCall is not None and self._reportCall.active():
+            self._reportCall.cancel()
+        self._terminated.callback(None)
+        if not self._stopping:
+            self._stopping = True
+            self.reactor.stop()
+
+    # -- sessions and reports ---------------------------------------------------------------
+
+    def _sessionsChanged(self) -> None:
+        if self.machine is None:
+            return
+        if self.liveSessions() == 0:
+            self.machine.sessionsDrained()
+        if self._successor is not None and self._reportCall is None:
+            self._reportCall = self.reactor.callLater(REPORT_INTERVAL, self._report)
+
+    def _report(self) -> None:
+        self._reportCall = None
+        successor = self._successor
+        if successor is None or self.machine is None:
+            return
+        entries = [self._ownEntry()] + self._drainingEntries()
+        successor.callRemote(control.ReportSessions, generations=entries)
+
+    def _ownEntry(self) -> dict[str, Any]:
+        assert self.machine is not None
+        return {
+            "pid": os.getpid(),
+            "generation": self.generation,
+            "state": self.machine.describe(),
+            "sessions": self.liveSessions(),
+        }
+
+    def _drainingEntries(self) -> list[dict[str, Any]]:
+        entries: list[dict[str, Any]] = []
+        for predecessor in self._predecessors.values():
+            entries.extend(predecessor.entries)
+        return entries
+
+    def adoptPredecessorLink(self, protocol: ControlProtocol) -> None:
+        """
+        Keep the connection to the predecessor we took over from, to hear its session counts.
+        """
+        self._predecessorLink = protocol
+        self._predecessors[protocol] = _Predecessor()
+
+    # -- IControlHandler --------------------------------------------------------------------
+
+    def connectionOpened(self, protocol: ControlProtocol) -> None:
+        pass
+
+    def connectionClosed(self, protocol: ControlProtocol, reason: Failure) -> None:
+        if protocol in self._predecessors:
+            del self._predecessors[protocol]
+            self.log.info("a draining predecessor has gone")
+        if protocol is self._successor and self.machine is not None:
+            self.machine.successorLost("the successor disconnected")
+            self._successor = None
+
+    def hello(self, protocol: ControlProtocol, version: int, pid: int) -> dict[str, Any]:
+        if version != PROTOCOL_VERSION:
+            raise VersionMismatch(
+                f"this server speaks control protocol {PROTOCOL_VERSION}, the successor {version}"
+            )
+        if self.machine is None or self._successor is not None:
+            raise HandoffBusy("handoff already in progress")
+        if protocol.peer is not None and protocol.peer[0] != pid:
+            self.log.warn(
+                "successor says it is pid {claimed} but its socket belongs to pid {actual}",
+                claimed=pid,
+                actual=protocol.peer[0],
+            )
+        self._successorPid = pid
+        self._successor = protocol
+        if not self.machine.requestHandoff():
+            self._successor = None
+            raise HandoffBusy(f"handoff already in progress or server {self.machine.describe()}")
+        return {"version": PROTOCOL_VERSION, "pid": os.getpid(), "generation": self.generation}
+
+    def _requireSuccessor(self, protocol: ControlProtocol) -> GenerationInputs:
+        if protocol is not self._successor or self.machine is None:
+            raise NoHandoff("no handoff in progress on this connection; send Hello first")
+        return self.machine
+
+    def takeOver(self, protocol: ControlProtocol, start: int) -> dict[str, Any]:
+        self._requireSuccessor(protocol)
+        ports = self._allPorts()
+        batch = ports[start : start + TAKEOVER_BATCH]
+        nextStart = start + len(batch)
+        return {
+            "listeners": [
+                {
+                    "name": port.name,
+                    "kind": port.kind,
+                    "address": portAddress(port),
+                    "fd": port.fileno(),
+                }
+                for port in batch
+            ],
+            "next": nextStart if nextStart < len(ports) else -1,
+        }
+
+    def commit(self, protocol: ControlProtocol) -> dict[str, Any]:
+        machine = self._requireSuccessor(protocol)
+        if not machine.commit():
+            raise NoHandoff(f"nothing to commit: server {machine.describe()}")
+        elapsed = (time.monotonic() - protocol.openedAt) * 1000
+        self.log.info(
+            "handoff to pid {pid} committed {ms:.1f} ms after it connected; paused accepting",
+            pid=self._successorPid,
+            ms=elapsed,
+        )
+        return {"confirmWithin": self.settings.confirmTimeout}
+
+    def accepting(self, protocol: ControlProtocol) -> dict[str, Any]:
+        if protocol is not self._successor or self.machine is None:
+            raise RolledBack("the handoff was rolled back; the predecessor serves on")
+        if not self.machine.successorAccepting():
+            raise RolledBack(f"the handoff was rolled back: server {self.machine.describe()}")
+        return {}
+
+    def abort(self, protocol: ControlProtocol, reason: str) -> dict[str, Any]:
+        machine = self._requireSuccessor(protocol)
+        machine.successorLost(f"the successor gave up: {reason}")
+        return {}
+
+    def reportSessions(self, protocol: ControlProtocol, generations: list[dict[str, Any]]) -> None:
+        predecessor = self._predecessors.get(protocol)
+        if predecessor is None:
+            return
+        predecessor.entries = generations
+        # Pass the news on if we are draining ourselves.
+        self._sessionsChanged()
+
+    def status(self, protocol: ControlProtocol) -> dict[str, Any]:
+        return {
+            "version": PROTOCOL_VERSION,
+            "pid": os.getpid(),
+            "generation": self.generation,
+            "state": self.machine.describe() if self.machine is not None else "starting",
+            "uptime": time.monotonic() - self.startedAt,
+            "listeners": [
+                {
+                    "name": port.name,
+                    "kind": port.kind,
+                    "address": portAddress(port),
+                    "accepting": port.accepting,
+                    "sessions": port.sessions.count,
+                }
+                for port in self.ports
+                if port.connected
+            ],
+            "draining": self._drainingEntries(),
+        }
+
+    def stop(self, protocol: ControlProtocol, drainTimeout: float | None) -> dict[str, Any]:
+        self.reactor.callLater(0, self.stopGracefully, drainTimeout)
+        return {}
+
+
+def maybeReady(ready: Callable[[], Any] | None) -> Deferred[Any]:
+    """
+    Wait for an application's readiness hook, if it has one.
+    """
+    if ready is None:
+        return succeed(None)
+    return maybeDeferred(ready)

@@ -1,0 +1,114 @@
+"""
+Live sessions: counting the connections a listener accepted, telling them when their generation
+drains, and closing what is left at the drain deadline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.logger import Logger
+from zope.interface import Interface
+
+
+class IDrainable(Interface):
+    """
+    A protocol that can wind down politely when its generation starts draining.
+
+    A drainable protocol finishes the work in progress and then closes its connection (an HTTP
+    channel answers the request it is reading with ``Connection: close``; a chat protocol asks its
+    client to reconnect).  The generation closes whatever is still open at the drain deadline.
+    """
+
+    def drain() -> None:
+        """
+        The generation this connection belongs to is draining: finish, then close.
+        """
+
+
+def drainableOf(protocol: Any) -> IDrainable | None:
+    """
+    The L{IDrainable} behind C{protocol}, looking through wrapping protocols (TLS, policies).
+    """
+    seen = 0
+    while protocol is not None and seen < 8:
+        drainable = IDrainable(protocol, None)
+        if drainable is not None:
+            return drainable
+        protocol = getattr(protocol, "wrappedProtocol", None)
+        seen += 1
+    return None
+
+
+class SessionTracker:
+    """
+    The live connections of one listener.
+
+    Transports report themselves with L{opened} and L{closed}; observers hear the new count after
+    every change.
+    """
+
+    log = Logger()
+
+    def __init__(self) -> None:
+        self._live: set[Any] = set()
+        self._observers: list[Callable[[], None]] = []
+
+    @property
+    def count(self) -> int:
+        """
+        How many connections are open.
+        """
+        return len(self._live)
+
+    def observe(self, observer: Callable[[], None]) -> None:
+        """
+        Call C{observer} (with no arguments) after every change in the count.
+        """
+        self._observers.append(observer)
+
+    def _changed(self) -> None:
+        for observer in list(self._observers):
+            observer()
+
+    def opened(self, transport: Any) -> None:
+        """
+        A connection was accepted.
+        """
+        self._live.add(transport)
+        self._changed()
+
+    def closed(self, transport: Any) -> None:
+        """
+        A connection ended.
+        """
+        self._live.discard(transport)
+        self._changed()
+
+    def drain(self) -> None:
+        """
+        Tell every live connection whose protocol is L{IDrainable} to wind down.
+        """
+        for transport in list(self._live):
+            self._drainOne(transport)
+
+    def _drainOne(self, transport: Any) -> None:
+        drainable = drainableOf(getattr(transport, "protocol", None))
+        if drainable is None:
+            return
+        try:
+            drainable.drain()
+        except Exception:
+            self.log.failure("draining {protocol!r} failed", protocol=drainable)
+
+    def abortAll(self) -> int:
+        """
+        Abort every connection still open (the drain deadline passed).
+
+        @return: how many were aborted.
+        """
+        live = list(self._live)
+        for transport in live:
+            transport.abortConnection()
+        return len(live)

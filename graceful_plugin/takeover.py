@@ -1,0 +1,268 @@
+"""
+The successor's side of a handoff: connect to the serving process, receive its listeners, adopt
+them without accepting, wait for the application, commit, and only then accept.
+
+Whatever fails before the predecessor confirms leaves it serving: we close every descriptor we
+received, tell it why if we still can, and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectError, ConnectionClosed
+from twisted.logger import Logger
+from twisted.protocols import amp
+
+from graceful_plugin import pidfile
+from graceful_plugin.control import (
+    CONTROL_KIND,
+    PROTOCOL_VERSION,
+    Abort,
+    Accepting,
+    Commit,
+    ControlProtocol,
+    HandoffBusy,
+    Hello,
+    NoHandoff,
+    RolledBack,
+    TakeOver,
+    VersionMismatch,
+)
+from graceful_plugin.listeners import adoptListener
+from graceful_plugin.server import TakeoverFailed, maybeReady
+
+if TYPE_CHECKING:
+    from graceful_plugin.server import GracefulServer, Port
+
+log = Logger()
+
+
+def lowerPriority() -> None:
+    """
+    Run our start-up (imports, building the application) at idle priority, so that it does not
+    compete with the serving process for the CPU.  L{restorePriority} undoes it before the
+    handoff itself, which must be quick.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        pass
+
+
+def restorePriority() -> None:
+    """
+    Back to normal scheduling (allowed without privileges when our nice value permits).
+    """
+    try:
+        if os.sched_getscheduler(0) != os.SCHED_OTHER:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    except (AttributeError, OSError):
+        pass
+
+
+def _timed(d: Deferred[Any], seconds: float, reactor: Any) -> Deferred[Any]:
+    return d.addTimeout(seconds, reactor)
+
+
+async def takeOver(server: GracefulServer) -> None:
+    """
+    Take over from the server listening at C{server.settings.controlPath}.
+
+    @raise TakeoverFailed: with the reason, when the predecessor keeps serving.
+    """
+    settings = server.settings
+    reactor = server.reactor
+    path = settings.controlPath
+    restorePriority()
+    endpoint = UNIXClientEndpoint(reactor, path, timeout=settings.connectTimeout)
+    started = time.monotonic()
+    try:
+        link = await connectProtocol(endpoint, ControlProtocol(server))
+    except ConnectError as e:
+        raise TakeoverFailed(f"no server answers at {path} ({e.__class__.__name__})") from None
+    assert isinstance(link, ControlProtocol)
+    server.adoptPredecessorLink(link)
+    deadline = settings.handoffTimeout
+    try:
+        hello = await _timed(
+            link.callRemote(Hello, version=PROTOCOL_VERSION, pid=os.getpid()), deadline, reactor
+        )
+    except (HandoffBusy, VersionMismatch) as e:
+        link.transport.loseConnection()
+        raise TakeoverFailed(str(e)) from None
+    except amp.UnknownRemoteError:
+        link.transport.loseConnection()
+        raise TakeoverFailed(f"the process at {path} does not speak this protocol") from None
+    except (ConnectionClosed, amp.ProtocolSwitched) as e:
+        raise TakeoverFailed(f"{path} closed the connection: {e.__class__.__name__}") from None
+    predecessorPid = hello["pid"]
+    server.generation = hello["generation"] + 1
+    log.info(
+        "taking over from pid {pid} (generation {generation})",
+        pid=predecessorPid,
+        generation=hello["generation"],
+    )
+    received: list[dict[str, Any]] = []
+    adopted: list[Port] = []
+    controlPort: Port | None = None
+    ports: list[Port] = []
+    try:
+        start = 0
+        while start >= 0:
+            answer = await _timed(link.callRemote(TakeOver, start=start), deadline, reactor)
+            received.extend(answer["listeners"])
+            start = answer["next"]
+        fdsAt = time.monotonic()
+        ports, controlPort, missing = _adopt(server, received)
+        adopted = ports + [controlPort]
+        opened = _openNew(server, missing)
+        adopted.extend(opened)
+        ports.extend(opened)
+        adoptedAt = time.monotonic()
+        await _timed(maybeReady(server._ready), deadline, reactor)
+        readyAt = time.monotonic()
+        commitSent = time.monotonic()
+        answer = await _timed(link.callRemote(Commit), deadline, reactor)
+        committedAt = time.monotonic()
+        if committedAt - commitSent > answer["confirmWithin"] / 2:
+            raise TakeoverFailed(
+                f"the commit answer came {committedAt - commitSent:.1f} s late; the predecessor"
+                " may already have resumed"
+            )
+    except BaseException as e:
+        for port in adopted:
+            port.release()
+        _closeAll(received)
+        if link.transport is not None and link.connected:
+            reason = str(e) or e.__class__.__name__
+            link.callRemote(Abort, reason=reason).addErrback(lambda f: None)
+            link.transport.loseConnection()
+        if isinstance(e, TakeoverFailed):
+            raise
+        if isinstance(e, ConnectionClosed):
+            raise TakeoverFailed("the predecessor closed the control connection") from None
+        if isinstance(e, NoHandoff):
+            raise TakeoverFailed(f"the predecessor refused: {e}") from None
+        raise
+    server.ports = ports
+    server.controlPort = controlPort
+    server.beginServing()
+    try:
+        await _timed(link.callRemote(Accepting), deadline, reactor)
+    except RolledBack as e:
+        _stepBack(server)
+        raise TakeoverFailed(f"the predecessor rolled back: {e}") from None
+    except ConnectionClosed:
+        if pidfile.alive(predecessorPid):
+            _stepBack(server)
+            raise TakeoverFailed(
+                "the predecessor dropped the connection before confirming; it serves on"
+            ) from None
+        log.warn("the predecessor (pid {pid}) died at commit; serving on", pid=predecessorPid)
+    confirmedAt = time.monotonic()
+    if settings.pidfile:
+        pidfile.claim(settings.pidfile, os.getpid())
+    log.info(
+        "took over from pid {pid} as generation {generation}: handoff {ms:.1f} ms "
+        "(connect to commit; fds {fdsMs:.1f} ms, adopt {adoptMs:.1f} ms, ready {readyMs:.1f} ms,"
+        " commit {commitMs:.1f} ms, confirm {confirmMs:.1f} ms)",
+        pid=predecessorPid,
+        generation=server.generation,
+        ms=(committedAt - started) * 1000,
+        fdsMs=(fdsAt - started) * 1000,
+        adoptMs=(adoptedAt - fdsAt) * 1000,
+        readyMs=(readyAt - adoptedAt) * 1000,
+        commitMs=(committedAt - readyAt) * 1000,
+        confirmMs=(confirmedAt - committedAt) * 1000,
+        listeners=len(received),
+    )
+
+
+def _stepBack(server: GracefulServer) -> None:
+    """
+    We started accepting but the predecessor serves on: stop accepting and let go.
+    """
+    server.pauseAccepting()
+    server.releaseListeners()
+    server.settings.pidfile = ""
+
+
+def _closeAll(entries: list[dict[str, Any]]) -> None:
+    for entry in entries:
+        fd = entry.pop("fd", None)
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _adopt(
+    server: GracefulServer, entries: list[dict[str, Any]]
+) -> tuple[list[Port], Port, list[Any]]:
+    """
+    Adopt the listeners we received (those our own command line keeps, or all of them when it
+    names none), not accepting yet.  Every received descriptor is closed on the way.
+
+    @return: the adopted listeners, the control listener, and the listener specs of our own
+        command line that the predecessor does not have (to be opened anew).
+    """
+    wanted = list(server.settings.listeners)
+    ports: list[Port] = []
+    controlPort: Port | None = None
+    try:
+        for entry in entries:
+            fd = entry["fd"]
+            if entry["kind"] == CONTROL_KIND:
+                controlPort = adoptListener(
+                    server.reactor, fd, "unix", server._controlFactory(), name="control"
+                )
+                controlPort.kind = CONTROL_KIND
+                continue
+            name = entry["name"]
+            if server.settings.listeners:
+                match = next(
+                    (s for s in wanted if s.name == name or s.address == entry["address"]),
+                    None,
+                )
+                if match is None:
+                    log.info(
+                        "not keeping listener {name} ({address}): not on our command line",
+                        name=name,
+                        address=entry["address"],
+                    )
+                    continue
+                wanted.remove(match)
+                name = match.name
+            ports.append(adoptListener(server.reactor, fd, entry["kind"], server.factory, name))
+    except BaseException:
+        for port in ports + ([controlPort] if controlPort is not None else []):
+            port.release()
+        raise
+    finally:
+        _closeAll(entries)
+    if controlPort is None:
+        for port in ports:
+            port.release()
+        raise TakeoverFailed("the predecessor did not hand over its control socket")
+    return ports, controlPort, wanted
+
+
+def _openNew(server: GracefulServer, specs: list[Any]) -> list[Port]:
+    """
+    Bind the listeners only our command line names (not accepting yet).
+    """
+    opened: list[Port] = []
+    try:
+        for spec in specs:
+            opened.append(server._bindAndAdopt(spec, server.factory))
+    except OSError as e:
+        for port in opened:
+            port.close()
+        raise TakeoverFailed(str(e)) from None
+    return opened

@@ -1,0 +1,181 @@
+"""
+The ``twistd graceful`` command: options and the service they make.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from typing import Any
+
+from twisted.application import service
+from twisted.python import usage
+
+from graceful_plugin import pidfile
+from graceful_plugin.listeners import ListenerSpec, parseListener
+from graceful_plugin.server import GracefulServer, Settings
+from graceful_plugin.takeover import lowerPriority
+
+
+def _positiveSeconds(name: str) -> Any:
+    def coerce(value: str) -> float:
+        try:
+            seconds = float(value)
+        except ValueError:
+            raise ValueError(f"--{name} takes a number of seconds, not {value!r}") from None
+        if not seconds > 0:
+            raise ValueError(f"--{name} must be more than 0 seconds")
+        return seconds
+
+    coerce.coerceDoc = "Seconds."  # type: ignore[attr-defined]
+    return coerce
+
+
+class Options(usage.Options):
+    """
+    Options of ``twistd graceful``.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "Serve with zero-downtime restarts. Start with --port; later, start the new code with "
+        "--takeover CONTROL_PATH: it takes the listening sockets over, and the old process stops "
+        "accepting, drains its connections and exits."
+    )
+
+    optParameters = [
+        ["control", "c", "graceful.sock", "Path of the control socket (mode 0600)."],
+        [
+            "handoff-timeout",
+            None,
+            30.0,
+            "Seconds a successor has from hello to commit before the handoff is rolled back.",
+            _positiveSeconds("handoff-timeout"),
+        ],
+        [
+            "confirm-timeout",
+            None,
+            10.0,
+            "Seconds a successor has from commit to confirming it accepts.",
+            _positiveSeconds("confirm-timeout"),
+        ],
+        [
+            "drain-timeout",
+            None,
+            60.0,
+            "Seconds existing connections have to finish once draining; then they are closed.",
+            _positiveSeconds("drain-timeout"),
+        ],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["ports"] = []
+        self["takeover"] = None
+
+    def opt_port(self, spec: str) -> None:
+        """
+        A listener, repeatable: 8080, tcp:8080:interface=127.0.0.1, tcp6:8080:interface=::1,
+        unix:/run/app.sock[:mode=0660], each optionally named (web=tcp:8080).
+        """
+        try:
+            self["ports"].append(parseListener(spec))
+        except ValueError as e:
+            raise usage.UsageError(f"--port {e}") from None
+
+    opt_p = opt_port
+
+    def opt_takeover(self, path: str) -> None:
+        """
+        Take over from the server whose control socket is PATH (the new process keeps its
+        listeners; the old one drains and exits).
+        """
+        self["takeover"] = path
+
+    def postOptions(self) -> None:
+        ports: list[ListenerSpec] = self["ports"]
+        names = [p.name for p in ports]
+        duplicate = next((n for n in names if names.count(n) > 1), None)
+        if duplicate is not None:
+            raise usage.UsageError(f"--port: the listener name {duplicate!r} is given twice")
+        if self["takeover"]:
+            self["control"] = self["takeover"]
+        self["control"] = os.path.abspath(self["control"])
+        # twistd's pidfile would refuse a takeover and be deleted by the exiting predecessor:
+        # the generations manage it themselves.
+        self["pidfile"] = ""
+        parent = getattr(self, "parent", None)
+        if parent is not None and parent.get("pidfile"):
+            self["pidfile"] = os.path.abspath(parent["pidfile"])
+            parent["pidfile"] = ""
+        if self["takeover"]:
+            _checkControlSocket(self["control"])
+            lowerPriority()
+            return
+        if not ports:
+            raise usage.UsageError(
+                "name at least one listener with --port (for example --port 8080), "
+                "or take over from a running server with --takeover PATH"
+            )
+        running = pidfile.livePid(self["pidfile"]) if self["pidfile"] else None
+        if running is not None:
+            raise usage.UsageError(
+                f"a server is already running (pid {running} in {self['pidfile']}); "
+                f"to replace it, use --takeover {self['control']}"
+            )
+
+
+def _checkControlSocket(path: str) -> None:
+    """
+    Fail early, with a sentence, when nothing could be taken over at C{path}.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise usage.UsageError(
+            f"--takeover: there is no control socket at {path} (is the server running, and is "
+            "this its --control path?)"
+        ) from None
+    except OSError as e:
+        raise usage.UsageError(f"--takeover: cannot reach {path}: {e.strerror}") from None
+    if not stat.S_ISSOCK(mode):
+        raise usage.UsageError(f"--takeover: {path} is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(5)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        raise usage.UsageError(
+            f"--takeover: nothing listens at {path} (a stale socket left by a server that died?)"
+        ) from None
+    except PermissionError:
+        raise usage.UsageError(f"--takeover: permission denied on {path}") from None
+    except OSError as e:
+        raise usage.UsageError(f"--takeover: cannot connect to {path}: {e.strerror}") from None
+    finally:
+        probe.close()
+
+
+def makeService(options: Options) -> service.IService:
+    """
+    The graceful server for C{options}, serving the demo application.
+    """
+    from graceful_plugin.web import demoSite
+
+    settings = Settings(
+        listeners=list(options["ports"]),
+        controlPath=options["control"],
+        takeover=bool(options["takeover"]),
+        pidfile=options["pidfile"],
+        handoffTimeout=options["handoff-timeout"],
+        confirmTimeout=options["confirm-timeout"],
+        drainTimeout=options["drain-timeout"],
+    )
+    holder: dict[str, GracefulServer] = {}
+    factory = demoSite(lambda: holder["server"].generation)
+    server = GracefulServer(settings, factory)
+    holder["server"] = server
+    top = service.MultiService()
+    server.setServiceParent(top)
+    return top

@@ -1,0 +1,153 @@
+"""
+HTTP: a channel that drains politely, and the demo application served when no other is named.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.interfaces import IPullProducer
+from twisted.web import http, resource, server
+from zope.interface import implementer
+
+from graceful_plugin.sessions import IDrainable
+
+
+@implementer(IDrainable)
+class DrainableHTTPChannel(http.HTTPChannel):
+    """
+    An HTTP/1.x channel that, once its generation drains, answers with ``Connection: close`` and
+    closes an idle persistent connection between requests only, never while a request may be
+    arriving.
+    """
+
+    _draining = False
+
+    def drain(self) -> None:
+        self._draining = True
+        if self.requests:
+            last = self.requests[-1]
+            if not last.startedWriting:
+                last.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            self.persistent = False
+        elif self._idle():
+            self.loseConnection()
+
+    def _idle(self) -> bool:
+        # Between requests: waiting for a request line, and no part of one received yet.
+        return bool(self._HTTPChannel__first_line) and not self._buffer  # type: ignore[attr-defined]
+
+    def checkPersistence(self, request: Any, version: bytes) -> bool:
+        if self._draining:
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            return False
+        return bool(super().checkPersistence(request, version))
+
+
+def drainableSite(root: resource.IResource, **kwargs: Any) -> server.Site:
+    """
+    A L{server.Site} whose channels drain politely.
+    """
+    site = server.Site(root, **kwargs)
+    site.protocol = DrainableHTTPChannel
+    return site
+
+
+_CHUNK = b"x" * 65536
+
+
+@implementer(IPullProducer)
+class _BytesProducer:
+    """
+    Writes exactly C{remaining} bytes to a request, one chunk each time the transport asks, so a
+    large body never sits in memory.
+    """
+
+    def __init__(self, request: server.Request, remaining: int) -> None:
+        self.request = request
+        self.remaining = remaining
+        self.stopped = False
+
+    def resumeProducing(self) -> None:
+        if self.stopped:
+            return
+        if self.remaining <= 0:
+            self.stopped = True
+            self.request.unregisterProducer()
+            self.request.finish()
+            return
+        n = min(self.remaining, len(_CHUNK))
+        self.remaining -= n
+        self.request.write(_CHUNK if n == len(_CHUNK) else _CHUNK[:n])
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+
+class Bytes(resource.Resource):
+    """
+    ``GET /bytes/N``: exactly N bytes, streamed.
+    """
+
+    isLeaf = True
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def render_GET(self, request: server.Request) -> Any:
+        request.setHeader(b"content-type", b"application/octet-stream")
+        request.setHeader(b"content-length", b"%d" % (self.size,))
+        if self.size == 0:
+            return b""
+        producer = _BytesProducer(request, self.size)
+        request.notifyFinish().addErrback(lambda _: producer.stopProducing())
+        request.registerProducer(producer, False)
+        return server.NOT_DONE_YET
+
+
+class BytesDirectory(resource.Resource):
+    """
+    ``/bytes/``: the parent of L{Bytes} resources.
+    """
+
+    #: The largest body served, so that a typo cannot ask for a petabyte.
+    maxSize = 1 << 34
+
+    def getChild(self, path: bytes, request: Any) -> resource.Resource:
+        try:
+            size = int(path)
+        except ValueError:
+            return resource.ErrorPage(400, "Bad Request", "/bytes/N takes a number of bytes")
+        if not 0 <= size <= self.maxSize:
+            return resource.ErrorPage(400, "Bad Request", f"N must be from 0 to {self.maxSize}")
+        return Bytes(size)
+
+
+class DemoRoot(resource.Resource):
+    """
+    ``GET /``: which process and generation answered.
+    """
+
+    def __init__(self, generation: Callable[[], int]) -> None:
+        super().__init__()
+        self.generation = generation
+        self.putChild(b"bytes", BytesDirectory())
+
+    def getChild(self, path: bytes, request: Any) -> resource.Resource:
+        if path == b"":
+            return self
+        return super().getChild(path, request)
+
+    def render_GET(self, request: server.Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"graceful demo: pid %d, generation %d\n" % (os.getpid(), self.generation())
+
+
+def demoSite(generation: Callable[[], int]) -> server.Site:
+    """
+    The demo application: ``GET /`` and ``GET /bytes/N``.
+    """
+    return drainableSite(DemoRoot(generation))
