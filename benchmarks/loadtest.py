@@ -920,8 +920,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.duration = args.interval * (args.restarts + 1)
     if args.duration <= args.interval * args.restarts:
         parser.error("--duration must be longer than --interval x --restarts")
-    if min(args.clients, args.body, args.download_size, args.download_rate) < 0:
+    if min(args.clients, args.body, args.download_size, args.downloaders, args.restarts) < 0:
         parser.error("sizes and counts must not be negative")
+    if min(args.download_rate, args.interval, args.timeout) <= 0:
+        parser.error("--download-rate, --interval and --timeout must be more than 0")
     if args.plot is not None:
         try:
             import matplotlib  # noqa: F401
