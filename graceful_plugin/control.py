@@ -11,7 +11,6 @@ import struct
 import time
 from typing import Any
 
-from twisted.internet.error import ConnectionDone
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -279,7 +278,7 @@ class ControlProtocol(amp.AMP):
                 return
         self.handler.connectionOpened(self)
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         for fd in list(self._descriptors.values()):
             try:
                 os.close(fd)

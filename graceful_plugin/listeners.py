@@ -314,6 +314,8 @@ class _AdoptablePortMixin:
     kind: str
     _unlinkOnClose = False
     _accepting = False
+    # Never shutdown(2) the socket: another process may be accepting on it.
+    _shouldShutdown = False
 
     def pauseAccepting(self) -> None:
         """

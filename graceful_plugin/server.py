@@ -130,6 +130,7 @@ class GracefulServer(service.Service):
         self._reportCall: Any = None
         self._terminated: Deferred[None] = Deferred()
         self._stopping = False
+        self._exitCall: Any = None
 
     # -- starting ---------------------------------------------------------------------------
 
@@ -224,7 +225,7 @@ class GracefulServer(service.Service):
             self.log.failure("takeover failed", failure)
             reason = f"{failure.type.__name__}: {failure.getErrorMessage()}"
         self.log.critical(
-            "takeover from {path} failed: {reason}; the running server serves on",
+            "takeover from {path} failed: {reason}",
             path=self.settings.controlPath,
             reason=reason,
         )
@@ -339,7 +340,20 @@ class GracefulServer(service.Service):
         self._terminated.callback(None)
         if not self._stopping:
             self._stopping = True
+            # Not now: we may be inside the responder whose answer is still to be written.
+            self.reactor.callLater(0, self._exitAfterGoodbye)
+
+    def _exitAfterGoodbye(self) -> None:
+        """
+        Stop the reactor once the successor link has flushed what we wrote to it (the answer to
+        its L{control.Accepting} may still be in the buffer), or after a short while.
+        """
+        link = self._successor
+        if link is None or link.transport is None or not link.connected:
             self.reactor.stop()
+            return
+        self._exitCall = self.reactor.callLater(2.0, self.reactor.stop)
+        link.transport.loseConnection()
 
     # -- sessions and reports ---------------------------------------------------------------
 
@@ -393,6 +407,9 @@ class GracefulServer(service.Service):
         if protocol is self._successor and self.machine is not None:
             self.machine.successorLost("the successor disconnected")
             self._successor = None
+            if self._exitCall is not None and self._exitCall.active():
+                self._exitCall.cancel()
+                self.reactor.stop()
 
     def hello(self, protocol: ControlProtocol, version: int, pid: int) -> dict[str, Any]:
         if version != PROTOCOL_VERSION:

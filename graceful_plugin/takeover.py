@@ -156,14 +156,17 @@ async def takeOver(server: GracefulServer) -> None:
         await _timed(link.callRemote(Accepting), deadline, reactor)
     except RolledBack as e:
         _stepBack(server)
-        raise TakeoverFailed(f"the predecessor rolled back: {e}") from None
+        raise TakeoverFailed(f"the predecessor rolled back: {e}; it serves on") from None
     except ConnectionClosed:
-        if pidfile.alive(predecessorPid):
+        # The predecessor resumes on its own only after its confirm deadline: before half of it
+        # has passed here, a lost connection means it exited or died, and we serve on.
+        late = time.monotonic() - committedAt > answer["confirmWithin"] / 2
+        if late and pidfile.alive(predecessorPid):
             _stepBack(server)
             raise TakeoverFailed(
-                "the predecessor dropped the connection before confirming; it serves on"
+                "the predecessor dropped the connection too late to confirm; it serves on"
             ) from None
-        log.warn("the predecessor (pid {pid}) died at commit; serving on", pid=predecessorPid)
+        log.info("the predecessor (pid {pid}) exited at commit", pid=predecessorPid)
     confirmedAt = time.monotonic()
     if settings.pidfile:
         pidfile.claim(settings.pidfile, os.getpid())
