@@ -6,6 +6,7 @@ that either starts serving from scratch or takes over from a running predecessor
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.application import service
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -131,12 +132,15 @@ class GracefulServer(service.Service):
         self._terminated: Deferred[None] = Deferred()
         self._stopping = False
         self._exitCall: Any = None
+        self._closing: list[Deferred[None] | None] = []
 
     # -- starting ---------------------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
         self.reactor.addSystemEventTrigger("after", "shutdown", self._exitWithCode)
+        # After the reactor's own handlers are in place: SIGTERM is a graceful stop that exits 0.
+        self.reactor.callWhenRunning(self._installSignalHandlers)
         if self.settings.takeover:
             from graceful_plugin.takeover import takeOver
 
@@ -235,6 +239,12 @@ class GracefulServer(service.Service):
         else:
             self.reactor.callWhenRunning(self.reactor.stop)
 
+    def _installSignalHandlers(self) -> None:
+        def onTerm(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(self.stopGracefully)
+
+        signal.signal(signal.SIGTERM, onTerm)
+
     def _exitWithCode(self) -> None:
         if self.settings.pidfile:
             pidfile.release(self.settings.pidfile, os.getpid())
@@ -276,11 +286,11 @@ class GracefulServer(service.Service):
 
     def releaseListeners(self) -> None:
         for port in self._allPorts():
-            port.release()
+            self._closing.append(port.release())
 
     def closeListeners(self) -> None:
         for port in self._allPorts():
-            port.close()
+            self._closing.append(port.close())
 
     def liveSessions(self) -> int:
         return sum(port.sessions.count for port in self.ports)
@@ -337,7 +347,9 @@ class GracefulServer(service.Service):
         )
         if self._reportCall is not None and self._reportCall.active():
             self._reportCall.cancel()
-        self._terminated.callback(None)
+        # Ports finish closing (and a last generation unlinks its paths) a moment later.
+        closed = DeferredList([d for d in self._closing if d is not None])
+        closed.addBoth(lambda _: self._terminated.callback(None))
         if not self._stopping:
             self._stopping = True
             # Not now: we may be inside the responder whose answer is still to be written.
@@ -350,7 +362,7 @@ class GracefulServer(service.Service):
         """
         link = self._successor
         if link is None or link.transport is None or not link.connected:
-            self.reactor.stop()
+            self._terminated.addCallback(lambda _: self.reactor.stop())
             return
         self._exitCall = self.reactor.callLater(2.0, self.reactor.stop)
         link.transport.loseConnection()
