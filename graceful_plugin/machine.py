@@ -286,7 +286,8 @@ def _timedOutAfterCommit(inputs: GenerationInputs, core: GenerationCore, data: D
 def _stopWhileCommitted(inputs: GenerationInputs, core: GenerationCore, data: Deadline) -> None:
     data.cancel()
     core.effects.handoffAborted("this server is stopping")
-    core.effects.closeListeners()
+    # The successor adopted these sockets and may already accept: release, never unlink its paths.
+    core.effects.releaseListeners()
     core.effects.beginDrain()
 
 
