@@ -22,6 +22,7 @@ every temporary file removed at the end, on Ctrl-C and on errors too.
 """
 
 import argparse
+import contextlib
 import ctypes
 import json
 import math
@@ -36,6 +37,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from multiprocessing.process import BaseProcess
@@ -666,6 +668,19 @@ def verdicts(run: dict) -> dict:
     }
 
 
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Ignore SIGINT and SIGTERM inside the block, so a second Ctrl-C cannot cut a cleanup
+    short (leaving processes or files behind)."""
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in held}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 # --- one run --------------------------------------------------------------------------------
 
 
@@ -714,12 +729,13 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
         run["targets"] = verdicts(run)
         return run
     finally:
-        workers.kill()
-        children.kill_all()
-        if args.keep_tmp:
-            print(f"kept {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with signals_held():
+            workers.kill()
+            children.kill_all()
+            if args.keep_tmp:
+                print(f"kept {tmp}", file=sys.stderr)
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --- output ---------------------------------------------------------------------------------

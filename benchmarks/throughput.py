@@ -37,6 +37,7 @@ from loadtest import (
     machine,
     raise_on_signal,
     run_client,
+    signals_held,
     wait_until,
 )
 
@@ -103,7 +104,8 @@ def measure_python(port: int, seconds: int, args: argparse.Namespace, tmp: Path)
             workers.start("client", spec)
         results = workers.join(seconds + 30)
     finally:
-        workers.kill()
+        with signals_held():
+            workers.kill()
     outcomes = [outcome for result in results for _, _, outcome in result["records"]]
     ok = outcomes.count(0)
     return {"rps": round(ok / seconds, 1), "errors": len(outcomes) - ok}
@@ -131,8 +133,9 @@ def run(args: argparse.Namespace) -> dict:
         for proc in children.alive():
             children.stop(proc, 10)
     finally:
-        children.kill_all()
-        shutil.rmtree(tmp, ignore_errors=True)
+        with signals_held():
+            children.kill_all()
+            shutil.rmtree(tmp, ignore_errors=True)
     result: dict[str, Any] = {
         name: {
             "rps_median": statistics.median(r["rps"] for r in runs),
