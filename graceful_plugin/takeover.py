@@ -8,6 +8,7 @@ received, tell it why if we still can, and exit non-zero.
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from typing import TYPE_CHECKING, Any
@@ -126,6 +127,10 @@ async def takeOver(server: GracefulServer) -> None:
         adoptedAt = time.monotonic()
         await _timed(maybeReady(server._ready), deadline, reactor)
         readyAt = time.monotonic()
+        # Start-up left many objects behind: collect them now and keep them out of later
+        # collections, so that no long garbage collection pauses our first requests.
+        gc.collect()
+        gc.freeze()
         commitSent = time.monotonic()
         answer = await _timed(link.callRemote(Commit), deadline, reactor)
         committedAt = time.monotonic()
