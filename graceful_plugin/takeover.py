@@ -79,6 +79,10 @@ async def takeOver(server: GracefulServer) -> None:
     settings = server.settings
     reactor = server.reactor
     path = settings.controlPath
+    # Start-up left many objects behind: collect them now, before the handoff starts, and keep
+    # them out of later collections, so that no long collection pauses our first requests.
+    gc.collect()
+    gc.freeze()
     restorePriority()
     endpoint = UNIXClientEndpoint(reactor, path, timeout=settings.connectTimeout)
     started = time.monotonic()
@@ -127,10 +131,6 @@ async def takeOver(server: GracefulServer) -> None:
         adoptedAt = time.monotonic()
         await _timed(maybeReady(server._ready), deadline, reactor)
         readyAt = time.monotonic()
-        # Start-up left many objects behind: collect them now and keep them out of later
-        # collections, so that no long garbage collection pauses our first requests.
-        gc.collect()
-        gc.freeze()
         commitSent = time.monotonic()
         answer = await _timed(link.callRemote(Commit), deadline, reactor)
         committedAt = time.monotonic()
