@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IPullProducer
-from twisted.web import http, resource, server
+from twisted.web import http, pages, resource, server
 from zope.interface import implementer
 
 from graceful_plugin.sessions import IDrainable
@@ -120,9 +120,9 @@ class BytesDirectory(resource.Resource):
         try:
             size = int(path)
         except ValueError:
-            return resource.ErrorPage(400, "Bad Request", "/bytes/N takes a number of bytes")
+            return pages.errorPage(400, "Bad Request", "/bytes/N takes a number of bytes")
         if not 0 <= size <= self.maxSize:
-            return resource.ErrorPage(400, "Bad Request", f"N must be from 0 to {self.maxSize}")
+            return pages.errorPage(400, "Bad Request", f"N must be from 0 to {self.maxSize}")
         return Bytes(size)
 
 
