@@ -1,0 +1,86 @@
+"""
+The pidfile shared by generations: claimed atomically, released only by its owner.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from graceful_plugin import pidfile
+
+
+def test_claimWritesPid(workdir: Path) -> None:
+    """
+    claim writes the pid and a newline, leaving no temporary file behind.
+    """
+    path = workdir / "app.pid"
+    pidfile.claim(str(path), 1234)
+    assert path.read_text() == "1234\n"
+    assert pidfile.read(str(path)) == 1234
+    assert os.listdir(workdir) == ["app.pid"]
+
+
+def test_claimReplacesAtomically(workdir: Path) -> None:
+    """
+    claim replaces an existing pidfile by rename: a reader holding the old file sees the old pid
+    whole, the path names the new one, and at no moment is there no file.
+    """
+    path = workdir / "app.pid"
+    pidfile.claim(str(path), 1111)
+    with open(path) as old:
+        inode = os.fstat(old.fileno()).st_ino
+        pidfile.claim(str(path), 2222)
+        assert os.stat(path).st_ino != inode
+        assert old.read() == "1111\n"
+    assert pidfile.read(str(path)) == 2222
+
+
+def test_releaseOnlyOwnPid(workdir: Path) -> None:
+    """
+    release removes the pidfile only when it names the given pid.
+    """
+    path = workdir / "app.pid"
+    pidfile.claim(str(path), 2222)
+    assert pidfile.release(str(path), 1111) is False
+    assert path.exists()
+    assert pidfile.release(str(path), 2222) is True
+    assert not path.exists()
+    assert pidfile.release(str(path), 2222) is False
+
+
+def test_readBadContent(workdir: Path) -> None:
+    """
+    read answers None for a missing, empty or non-numeric pidfile.
+    """
+    path = workdir / "app.pid"
+    assert pidfile.read(str(path)) is None
+    path.write_text("")
+    assert pidfile.read(str(path)) is None
+    path.write_text("not a pid\n")
+    assert pidfile.read(str(path)) is None
+    assert pidfile.release(str(path), 1) is False
+    assert path.exists()
+
+
+def test_alive() -> None:
+    """
+    alive is true for a running process (ours, our parent) and false for one that does not
+    exist.
+    """
+    assert pidfile.alive(os.getpid())
+    assert pidfile.alive(os.getppid())
+    assert not pidfile.alive(999999999)
+
+
+def test_livePid(workdir: Path) -> None:
+    """
+    livePid names the pid in the file only when that process is alive and is not us.
+    """
+    path = workdir / "app.pid"
+    pidfile.claim(str(path), os.getppid())
+    assert pidfile.livePid(str(path)) == os.getppid()
+    pidfile.claim(str(path), os.getpid())
+    assert pidfile.livePid(str(path)) is None
+    pidfile.claim(str(path), 999999999)
+    assert pidfile.livePid(str(path)) is None
