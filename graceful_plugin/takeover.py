@@ -13,6 +13,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectError, ConnectionClosed
@@ -143,10 +144,17 @@ async def takeOver(server: GracefulServer) -> None:
         for port in adopted:
             port.release()
         _closeAll(received)
-        if link.transport is not None and link.connected:
+        # Not link.connected: amp.AMP never sets it, so the Abort was never sent.
+        if link.transport is not None and not link.transport.disconnecting:
             reason = str(e) or e.__class__.__name__
-            link.callRemote(Abort, reason=reason).addErrback(lambda f: None)
-            link.transport.loseConnection()
+            # Wait (briefly) for the answer: the process exits right after us, and the reactor's
+            # shutdown drops unwritten data.
+            try:
+                await _timed(link.callRemote(Abort, reason=reason), 2.0, reactor)
+            except (ConnectionClosed, NoHandoff, amp.RemoteAmpError, defer.TimeoutError):
+                pass  # the predecessor rolls back on the lost connection all the same
+            if link.transport is not None:
+                link.transport.loseConnection()
         if isinstance(e, TakeoverFailed):
             raise
         if isinstance(e, ConnectionClosed):

@@ -73,6 +73,8 @@ class Options(usage.Options):
         super().__init__()
         self["ports"] = []
         self["takeover"] = None
+        self["application"] = None
+        self["app"] = None
 
     def opt_port(self, spec: str) -> None:
         """
@@ -93,6 +95,50 @@ class Options(usage.Options):
         """
         self["takeover"] = path
 
+    def _application(self, kind: str, name: str) -> None:
+        if self["application"] is not None:
+            raise usage.UsageError(
+                f"--{kind}: name one application only (already --{self['application'][0]})"
+            )
+        self["application"] = (kind, name)
+
+    def opt_wsgi(self, name: str) -> None:
+        """
+        Serve the WSGI application at this dotted name (pkg.module.app), in the reactor's thread
+        pool.
+        """
+        self._application("wsgi", name)
+
+    def opt_resource(self, name: str) -> None:
+        """
+        Serve the web resource (IResource, or a callable returning one) at this dotted name.
+        """
+        self._application("resource", name)
+
+    def opt_factory(self, name: str) -> None:
+        """
+        Serve the protocol factory (IProtocolFactory, a factory or protocol class, or a callable
+        returning a factory) at this dotted name, for raw protocols.
+        """
+        self._application("factory", name)
+
+    def opt_path(self, directory: str) -> None:
+        """
+        Serve the static files in this directory.
+        """
+        self._application("path", directory)
+
+    def _loadApplication(self) -> None:
+        from graceful_plugin.apps import ApplicationError, loadApplication
+
+        if self["application"] is None:
+            return
+        kind, name = self["application"]
+        try:
+            self["app"] = loadApplication(kind, name)
+        except ApplicationError as e:
+            raise usage.UsageError(str(e)) from None
+
     def postOptions(self) -> None:
         ports: list[ListenerSpec] = self["ports"]
         names = [p.name for p in ports]
@@ -112,6 +158,9 @@ class Options(usage.Options):
         if self["takeover"]:
             _checkControlSocket(self["control"])
             lowerPriority()
+            # Our own application, imported before we connect: a bad one never disturbs the
+            # serving process.
+            self._loadApplication()
             return
         if not ports:
             raise usage.UsageError(
@@ -124,6 +173,7 @@ class Options(usage.Options):
                 f"a server is already running (pid {running} in {self['pidfile']}); "
                 f"to replace it, use --takeover {self['control']}"
             )
+        self._loadApplication()
 
 
 def _checkControlSocket(path: str) -> None:
@@ -159,7 +209,8 @@ def _checkControlSocket(path: str) -> None:
 
 def makeService(options: Options) -> service.IService:
     """
-    The graceful server for C{options}, serving the demo application.
+    The graceful server for C{options}, serving the application it names (the demo application
+    when it names none).
     """
     from graceful_plugin.web import demoSite
 
@@ -173,8 +224,14 @@ def makeService(options: Options) -> service.IService:
         drainTimeout=options["drain-timeout"],
     )
     holder: dict[str, GracefulServer] = {}
-    factory = demoSite(lambda: holder["server"].generation)
-    server = GracefulServer(settings, factory)
+    app = options["app"]
+    if app is None:
+        factory = demoSite(lambda: holder["server"].generation)
+        ready = None
+    else:
+        factory = app.factory()
+        ready = app.ready()
+    server = GracefulServer(settings, factory, ready=ready)
     holder["server"] = server
     top = service.MultiService()
     server.setServiceParent(top)
