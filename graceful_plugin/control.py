@@ -176,6 +176,50 @@ class Stop(amp.Command):
     response: list[tuple[bytes, amp.Argument]] = []
 
 
+class RestartFailed(Exception):
+    """
+    A successor could not be started, or its handoff was rolled back: the message says why, and
+    the server serves on.
+    """
+
+
+_phaseEntry = [
+    (b"phase", amp.Unicode()),
+    (b"ms", amp.Float()),
+    (b"detail", amp.Unicode()),
+]
+
+
+class Restart(amp.Command):
+    """
+    Start a successor (the server's own command line with C{--takeover}, or its
+    C{--restart-command}) and answer once its handoff is decided: the successor's pid and
+    generation and the phases with their times (milliseconds since the successor was started);
+    or the error C{RESTART_FAILED} with the reason when it was rolled back.  With C{progress},
+    each phase is also sent as it happens, as a L{RestartProgress} on the same connection.
+    """
+
+    arguments = [(b"progress", amp.Boolean(optional=True))]
+    response = [
+        (b"pid", amp.Integer()),
+        (b"generation", amp.Integer()),
+        (b"ms", amp.Float()),
+        (b"phases", amp.AmpList(_phaseEntry)),
+    ]
+    errors = {HandoffBusy: b"BUSY", RestartFailed: b"RESTART_FAILED"}
+
+
+class RestartProgress(amp.Command):
+    """
+    One phase of a restart, sent by the server to the client that asked for L{Restart} with
+    C{progress}: C{spawned}, C{hello}, C{committed}, C{accepting}, C{rolled_back}, C{exited}.
+    """
+
+    arguments = _phaseEntry
+    response: list[tuple[bytes, amp.Argument]] = []
+    requiresAnswer = False
+
+
 class IControlHandler(Interface):
     """
     What answers the commands arriving on one control connection.  Each method gets the
@@ -230,6 +274,11 @@ class IControlHandler(Interface):
     def stop(protocol: ControlProtocol, drainTimeout: float | None) -> dict[str, Any]:
         """
         Answer L{Stop}.
+        """
+
+    def restart(protocol: ControlProtocol, progress: bool) -> Any:
+        """
+        Answer L{Restart} (a L{Deferred} firing once the handoff is decided).
         """
 
 
@@ -321,6 +370,10 @@ class ControlProtocol(amp.AMP):
     def _stop(self, drainTimeout: float | None = None) -> dict[str, Any]:
         return self.handler.stop(self, drainTimeout)
 
+    @Restart.responder
+    def _restart(self, progress: bool = False) -> Any:
+        return self.handler.restart(self, progress)
+
 
 @implementer(IControlHandler)
 class ClientHandler:
@@ -337,7 +390,7 @@ class ClientHandler:
     def _refuse(self, *args: Any) -> dict[str, Any]:
         raise NoHandoff("this end of the control channel does not serve")
 
-    hello = takeOver = commit = accepting = abort = status = stop = _refuse
+    hello = takeOver = commit = accepting = abort = status = stop = restart = _refuse
 
     def reportSessions(self, protocol: ControlProtocol, generations: list[dict[str, Any]]) -> None:
         pass

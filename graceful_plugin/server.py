@@ -30,6 +30,7 @@ from graceful_plugin.control import (
     HandoffBusy,
     IControlHandler,
     NoHandoff,
+    RestartFailed,
     RolledBack,
     VersionMismatch,
 )
@@ -74,6 +75,12 @@ class Settings:
     confirmTimeout: float = 10.0
     drainTimeout: float = 60.0
     connectTimeout: float = 5.0
+    #: The command that starts a successor (L{graceful_plugin.restart.successorCommand}), and
+    #: the directory to start it in.
+    restartCommand: list[str] | None = None
+    restartDirectory: str = ""
+    #: Sockets systemd passed (socket activation), for the first generation's listeners.
+    activated: list[Any] = field(default_factory=list)
 
 
 class TakeoverFailed(Exception):
@@ -133,6 +140,24 @@ class GracefulServer(service.Service):
         self._stopping = False
         self._exitCall: Any = None
         self._closing: list[Deferred[None] | None] = []
+        from graceful_plugin.restart import Restarter
+
+        #: Starts our successor on request (L{restart}, SIGHUP, SIGUSR2).
+        self.restarter = Restarter(self)
+        #: Told of every transition (L{graceful_plugin.lifecycle.IGenerationObserver}).
+        self.observers: list[Any] = [self.restarter]
+
+    def _tell(self, event: str, *args: Any) -> None:
+        """
+        Tell every observer of C{event}; an observer that fails is logged and changes nothing.
+        """
+        for observer in list(self.observers):
+            try:
+                getattr(observer, event)(self, *args)
+            except Exception:
+                self.log.failure(
+                    "observer {observer!r} failed on {event}", observer=observer, event=event
+                )
 
     # -- starting ---------------------------------------------------------------------------
 
@@ -155,9 +180,34 @@ class GracefulServer(service.Service):
                 self.reactor.callWhenRunning(self.reactor.stop)
 
     def _startFromScratch(self) -> None:
+        from graceful_plugin.lifecycle import closeActivated, planActivation
+
         ports: list[Port] = []
+        specs = list(self.settings.listeners)
+        activated, self.settings.activated = self.settings.activated, []
         try:
-            for spec in self.settings.listeners:
+            if activated:
+                plan = planActivation(specs, activated)
+                specs = plan.bind
+                for sock in plan.unused:
+                    self.log.warn(
+                        "socket activation: not using {name} ({address}): no --port names it",
+                        name=sock.name,
+                        address=sock.address,
+                    )
+                for name, sock in plan.adopt:
+                    ports.append(
+                        adoptListener(self.reactor, sock.fd, sock.kind, self.factory, name=name)
+                    )
+                    self.log.info(
+                        "socket activation: adopted {name} ({address}) from fd {fd}",
+                        name=name,
+                        address=sock.address,
+                        fd=sock.fd,
+                    )
+                closeActivated(activated)
+                activated = []
+            for spec in specs:
                 ports.append(self._bindAndAdopt(spec, self.factory))
             self.controlPort = self._bindAndAdopt(
                 ListenerSpec(
@@ -167,6 +217,7 @@ class GracefulServer(service.Service):
                 kind=CONTROL_KIND,
             )
         except OSError:
+            closeActivated(activated)
             for port in ports:
                 port.close()
             raise
@@ -219,6 +270,7 @@ class GracefulServer(service.Service):
             pid=os.getpid(),
             listeners=", ".join(f"{p.name}={portAddress(p)}" for p in self.ports),
         )
+        self._tell("serving")
 
     def _allPorts(self) -> list[Port]:
         return self.ports + ([self.controlPort] if self.controlPort is not None else [])
@@ -244,6 +296,39 @@ class GracefulServer(service.Service):
             self.reactor.callFromThread(self.stopGracefully)
 
         signal.signal(signal.SIGTERM, onTerm)
+
+        # SIGHUP (and SIGUSR2, for nginx and gunicorn habits) restart, as `graceful-ctl
+        # restart` does; SIGUSR1 stays twistd's log rotation.
+        def onRestart(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(self.restartBySignal, signal.Signals(signum).name)
+
+        signal.signal(signal.SIGHUP, onRestart)
+        signal.signal(signal.SIGUSR2, onRestart)
+
+    def restartBySignal(self, name: str) -> None:
+        """
+        Start a successor because of signal C{name}; the outcome is logged.
+        """
+        self.log.info("{signal}: restarting", signal=name, generation=self.generation)
+        try:
+            d = self.restarter.start()
+        except (HandoffBusy, RestartFailed) as e:
+            self.log.warn("{signal}: not restarting: {reason}", signal=name, reason=str(e))
+            return
+        d.addCallbacks(
+            lambda result: self.log.info(
+                "{signal}: restarted as pid {pid}, generation {successorGeneration}",
+                signal=name,
+                pid=result["pid"],
+                successorGeneration=result["generation"],
+                ms=result["ms"],
+            ),
+            lambda failure: self.log.warn(
+                "{signal}: restart failed: {reason}",
+                signal=name,
+                reason=failure.getErrorMessage(),
+            ),
+        )
 
     def _exitWithCode(self) -> None:
         if self.settings.pidfile:
@@ -289,6 +374,14 @@ class GracefulServer(service.Service):
             self._closing.append(port.release())
 
     def closeListeners(self) -> None:
+        # Only a stop closes listeners for good (a handoff releases them).
+        self.log.info(
+            "generation {generation} (pid {pid}) stopping: no longer accepting",
+            generation=self.generation,
+            pid=os.getpid(),
+            sessions=self.liveSessions(),
+        )
+        self._tell("stopping")
         for port in self._allPorts():
             self._closing.append(port.close())
 
@@ -316,6 +409,7 @@ class GracefulServer(service.Service):
         self.log.info(
             "handoff to pid {pid} started", pid=self._successorPid, generation=self.generation
         )
+        self._tell("handoffStarted", self._successorPid)
 
     def handoffAborted(self, reason: str) -> None:
         successor, self._successor = self._successor, None
@@ -323,9 +417,11 @@ class GracefulServer(service.Service):
             "handoff to pid {pid} rolled back: {reason}; serving on",
             pid=self._successorPid,
             reason=reason,
+            generation=self.generation,
         )
         if successor is not None and successor.transport is not None:
             successor.transport.loseConnection()
+        self._tell("handoffAborted", self._successorPid, reason)
 
     def handoffCommitted(self) -> None:
         successor = self._successor
@@ -334,10 +430,13 @@ class GracefulServer(service.Service):
             "handoff to pid {pid} confirmed {ms:.1f} ms after it connected; draining",
             pid=self._successorPid,
             ms=elapsed,
+            generation=self.generation,
+            sessions=self.liveSessions(),
         )
         if self.settings.pidfile:
             # The successor owns the pidfile now; never remove it on our way out.
             self.settings.pidfile = ""
+        self._tell("handoffCommitted", self._successorPid)
 
     def terminated(self) -> None:
         self.log.info(
@@ -361,7 +460,8 @@ class GracefulServer(service.Service):
         its L{control.Accepting} may still be in the buffer), or after a short while.
         """
         link = self._successor
-        if link is None or link.transport is None or not link.connected:
+        # Not link.connected: amp.AMP never sets it, so we never waited for the flush.
+        if link is None or link.transport is None or link.transport.disconnecting:
             self._terminated.addCallback(lambda _: self.reactor.stop())
             return
         self._exitCall = self.reactor.callLater(2.0, self.reactor.stop)
@@ -376,6 +476,7 @@ class GracefulServer(service.Service):
             self.machine.sessionsDrained()
         if self._successor is not None and self._reportCall is None:
             self._reportCall = self.reactor.callLater(REPORT_INTERVAL, self._report)
+        self._tell("sessionsChanged")
 
     def _report(self) -> None:
         self._reportCall = None
@@ -475,7 +576,9 @@ class GracefulServer(service.Service):
             "handoff to pid {pid} committed {ms:.1f} ms after it connected; paused accepting",
             pid=self._successorPid,
             ms=elapsed,
+            generation=self.generation,
         )
+        self._tell("handoffPaused", self._successorPid)
         return {"confirmWithin": self.settings.confirmTimeout}
 
     def accepting(self, protocol: ControlProtocol) -> dict[str, Any]:
@@ -522,6 +625,15 @@ class GracefulServer(service.Service):
     def stop(self, protocol: ControlProtocol, drainTimeout: float | None) -> dict[str, Any]:
         self.reactor.callLater(0, self.stopGracefully, drainTimeout)
         return {}
+
+    def restart(self, protocol: ControlProtocol, progress: bool) -> Deferred[dict[str, Any]]:
+        def report(phase: str, ms: float, detail: str) -> None:
+            # (AMP never sets Protocol.connected: look at the transport.)
+            if protocol.transport is not None and not protocol.transport.disconnecting:
+                protocol.callRemote(control.RestartProgress, phase=phase, ms=ms, detail=detail)
+
+        self.log.info("restart requested over the control socket", generation=self.generation)
+        return self.restarter.start(report if progress else None)
 
 
 def maybeReady(ready: Callable[[], Any] | None) -> Deferred[Any]:

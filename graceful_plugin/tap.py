@@ -13,8 +13,11 @@ from twisted.application import service
 from twisted.python import usage
 
 from graceful_plugin import pidfile
+from graceful_plugin.lifecycle import SystemdNotifications
 from graceful_plugin.listeners import ListenerSpec, parseListener
+from graceful_plugin.restart import restartCommand
 from graceful_plugin.server import GracefulServer, Settings
+from graceful_plugin.systemd import Notifier
 from graceful_plugin.takeover import lowerPriority
 
 
@@ -68,6 +71,19 @@ class Options(usage.Options):
             _positiveSeconds("drain-timeout"),
         ],
     ]
+
+    def opt_restart_command(self, command: str) -> None:
+        """
+        The command that starts a successor on `graceful-ctl restart`, SIGHUP or SIGUSR2 (split
+        like a shell would, run without one); it must itself take over with --takeover.
+        Default: this process's own command line plus --takeover CONTROL.
+        """
+        from graceful_plugin.restart import parseRestartCommand
+
+        try:
+            self["restart-command"] = parseRestartCommand(command)
+        except ValueError as e:
+            raise usage.UsageError(f"--restart-command: {e}") from None
 
     def __init__(self) -> None:
         super().__init__()
@@ -162,7 +178,8 @@ class Options(usage.Options):
             # serving process.
             self._loadApplication()
             return
-        if not ports:
+        self["activated"] = _activatedSockets()
+        if not ports and not self["activated"]:
             raise usage.UsageError(
                 "name at least one listener with --port (for example --port 8080), "
                 "or take over from a running server with --takeover PATH"
@@ -174,6 +191,18 @@ class Options(usage.Options):
                 f"to replace it, use --takeover {self['control']}"
             )
         self._loadApplication()
+
+
+def _activatedSockets() -> list[Any]:
+    """
+    The listening sockets systemd passed us (socket activation), if any.
+    """
+    from graceful_plugin.systemd import listenFds
+
+    try:
+        return listenFds(unsetEnvironment=True)
+    except ValueError as e:
+        raise usage.UsageError(f"socket activation: {e}") from None
 
 
 def _checkControlSocket(path: str) -> None:
@@ -222,6 +251,9 @@ def makeService(options: Options) -> service.IService:
         handoffTimeout=options["handoff-timeout"],
         confirmTimeout=options["confirm-timeout"],
         drainTimeout=options["drain-timeout"],
+        restartCommand=restartCommand(options.get("restart-command"), options["control"]),
+        restartDirectory=os.getcwd(),
+        activated=options.get("activated") or [],
     )
     holder: dict[str, GracefulServer] = {}
     app = options["app"]
@@ -233,6 +265,7 @@ def makeService(options: Options) -> service.IService:
         ready = app.ready()
     server = GracefulServer(settings, factory, ready=ready)
     holder["server"] = server
+    server.observers.append(SystemdNotifications(Notifier.fromEnvironment(), server.reactor))
     top = service.MultiService()
     server.setServiceParent(top)
     return top

@@ -1,0 +1,325 @@
+"""
+Restarting: the serving process starts its own successor and follows the handoff to its end.
+
+The successor is the server's own command line with C{--takeover CONTROL_PATH} added (so it
+loads the code and configuration on disk now, with the same options), or the command given with
+C{--restart-command}.  It is started detached: in a session of its own (a Ctrl-C meant for us
+does not reach it), stdin from C{/dev/null}, stdout and stderr where ours go, and no descriptor
+but those three (every listening socket is close-on-exec anyway).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from graceful_plugin.control import HandoffBusy, RestartFailed
+from graceful_plugin.lifecycle import IGenerationObserver, Observer
+
+if TYPE_CHECKING:
+    from graceful_plugin.server import GracefulServer
+
+#: How often a started successor is checked for having exited (and reaped).
+POLL_INTERVAL = 0.1
+
+Progress = Callable[[str, float, str], Any]
+
+
+def successorCommand(
+    argv: Sequence[str], controlPath: str, executable: str | None = None
+) -> list[str]:
+    """
+    The command line of a successor: C{argv} (the interpreter's own, L{sys.orig_argv}) with any
+    C{--takeover} removed and C{--takeover controlPath} added at the end, where the graceful
+    subcommand's options are.  twistd's options and the subcommand's (listeners, application)
+    stay as they are, so the successor keeps the listeners and application it names.
+
+    @param executable: the interpreter (L{sys.executable} when L{None}), in place of
+        C{argv[0]}, which may be a bare name looked up in a C{PATH} that has changed since.
+    """
+    if not argv:
+        raise ValueError("no command line to restart with")
+    rest: list[str] = []
+    skip = False
+    for arg in argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if arg == "--takeover":
+            skip = True
+            continue
+        if arg.startswith("--takeover="):
+            continue
+        rest.append(arg)
+    return [executable or sys.executable, *rest, "--takeover", controlPath]
+
+
+def parseRestartCommand(text: str) -> list[str]:
+    """
+    Split a C{--restart-command} like a shell would (no shell runs it).
+
+    @raise ValueError: with a sentence, when it is empty or its quotes do not match.
+    """
+    try:
+        command = shlex.split(text)
+    except ValueError as e:
+        raise ValueError(f"cannot split {text!r}: {e}") from None
+    if not command:
+        raise ValueError("the command is empty")
+    return command
+
+
+def restartCommand(given: list[str] | None, controlPath: str) -> list[str]:
+    """
+    The command that starts a successor: the one given, or our own command line (read now,
+    while it still means what it meant at start) with C{--takeover controlPath}.
+    """
+    if given:
+        return list(given)
+    return successorCommand(sys.orig_argv, controlPath)
+
+
+def spawnDetached(command: Sequence[str], cwd: str | None) -> subprocess.Popen[bytes]:
+    """
+    Start C{command} detached: its own session, stdin from C{/dev/null}, our stdout and stderr,
+    no other descriptor.
+
+    @raise OSError: when it cannot be started (no such program, not executable).
+    """
+    return subprocess.Popen(
+        list(command),
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        close_fds=True,
+        start_new_session=True,
+    )
+
+
+def describeExit(code: int) -> str:
+    """
+    An exit status in words.
+    """
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name}"
+    return f"exited with status {code}"
+
+
+@dataclass
+class _Restart:
+    """
+    One restart in progress.
+    """
+
+    process: subprocess.Popen[bytes]
+    started: float
+    progress: Progress | None
+    done: Deferred[dict[str, Any]]
+    phases: list[dict[str, Any]] = field(default_factory=list)
+    helloPid: int = 0
+    deadline: Any = None
+
+
+@implementer(IGenerationObserver)
+class Restarter(Observer):
+    """
+    Starts a generation's successor on request, and tells the requester how the handoff went.
+
+    The next handoff that begins after the successor was started is taken to be its (a
+    wrapper script may start the real successor under another pid).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        server: GracefulServer,
+        spawn: Callable[[Sequence[str], str | None], Any] = spawnDetached,
+        pollInterval: float = POLL_INTERVAL,
+    ) -> None:
+        self.server = server
+        self.spawn = spawn
+        self.pollInterval = pollInterval
+        self._current: _Restart | None = None
+        self._children: list[Any] = []
+        self._poller: Any = None
+
+    @property
+    def reactor(self) -> Any:
+        return self.server.reactor
+
+    def start(self, progress: Progress | None = None) -> Deferred[dict[str, Any]]:
+        """
+        Start a successor.
+
+        @param progress: called with (phase, milliseconds since the start, detail) at each
+            phase.
+        @return: fires, once the successor confirmed it accepts, with its C{pid}, C{generation},
+            C{ms} and C{phases}; fails with L{RestartFailed} and the reason when the handoff was
+            rolled back or the successor exited first.
+        @raise HandoffBusy: a restart or handoff is already in progress, or this generation no
+            longer serves.
+        @raise RestartFailed: the successor cannot be started at all.
+        """
+        server = self.server
+        if self._current is not None:
+            raise HandoffBusy(
+                f"a restart is already in progress (successor pid {self._current.process.pid})"
+            )
+        state = server.machine.describe() if server.machine is not None else "starting"
+        if state != "serving":
+            raise HandoffBusy(f"cannot restart: this server is {state}")
+        command = server.settings.restartCommand
+        if not command:
+            raise RestartFailed("this server has no command to start a successor with")
+        try:
+            process = self.spawn(command, server.settings.restartDirectory or None)
+        except OSError as e:
+            raise RestartFailed(
+                f"cannot start the successor {command[0]!r}: {e.strerror or e}"
+            ) from None
+        current = _Restart(
+            process=process, started=time.monotonic(), progress=progress, done=Deferred()
+        )
+        self._current = current
+        self._children.append(process)
+        self.log.info(
+            "restart: started successor pid {pid}: {command}",
+            pid=process.pid,
+            command=" ".join(command),
+            generation=server.generation,
+        )
+        self._phase("spawned", f"pid {process.pid}: {' '.join(command)}")
+        # Until it says hello, the successor is on our clock; from then on the handoff's.
+        current.deadline = self.reactor.callLater(
+            server.settings.handoffTimeout, self._noHello, current
+        )
+        self._poll()
+        return current.done
+
+    # -- following the successor ------------------------------------------------------------
+
+    def _phase(self, phase: str, detail: str = "") -> None:
+        current = self._current
+        if current is None:
+            return
+        ms = (time.monotonic() - current.started) * 1000
+        current.phases.append({"phase": phase, "ms": ms, "detail": detail})
+        self.log.info(
+            "restart: {phase} after {ms:.1f} ms {detail}", phase=phase, ms=ms, detail=detail
+        )
+        if current.progress is not None:
+            try:
+                current.progress(phase, ms, detail)
+            except Exception:
+                self.log.failure("restart: reporting progress failed")
+
+    def _finish(self, result: dict[str, Any] | None, reason: str = "") -> None:
+        current, self._current = self._current, None
+        if current is None:
+            return
+        if current.deadline is not None and current.deadline.active():
+            current.deadline.cancel()
+        if result is None:
+            self.log.warn("restart failed: {reason}", reason=reason)
+            current.done.errback(RestartFailed(reason))
+        else:
+            current.done.callback(result)
+
+    def _poll(self) -> None:
+        """
+        Reap every successor we started that has exited; a successor exiting before its handoff
+        began fails the restart.
+        """
+        self._poller = None
+        for child in list(self._children):
+            code = child.poll()
+            if code is None:
+                continue
+            self._children.remove(child)
+            current = self._current
+            if current is None or current.process is not child:
+                continue
+            if current.helloPid:
+                continue  # the handoff decides; its end is near
+            if code == 0:
+                # A wrapper that started the real successor and exited: wait for its hello.
+                self._phase("exited", f"pid {child.pid} exited with status 0")
+                continue
+            self._phase("exited", f"pid {child.pid} {describeExit(code)}")
+            self._finish(
+                None,
+                f"the successor (pid {child.pid}) {describeExit(code)} before taking over;"
+                " its output is in this server's log",
+            )
+        if self._children:
+            self._poller = self.reactor.callLater(self.pollInterval, self._poll)
+
+    def _noHello(self, current: _Restart) -> None:
+        current.deadline = None
+        if self._current is not current:
+            return
+        try:
+            os.killpg(current.process.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        self._finish(
+            None,
+            f"the successor (pid {current.process.pid}) did not connect within"
+            f" {self.server.settings.handoffTimeout:g} s; it was killed",
+        )
+
+    # -- IGenerationObserver ----------------------------------------------------------------
+
+    def handoffStarted(self, server: Any, pid: int) -> None:
+        current = self._current
+        if current is None:
+            return
+        current.helloPid = pid
+        if current.deadline is not None and current.deadline.active():
+            current.deadline.cancel()
+        current.deadline = None
+        self._phase("hello", f"successor pid {pid} connected")
+
+    def handoffPaused(self, server: Any, pid: int) -> None:
+        self._phase("committed", "the successor adopted every listener; we paused accepting")
+
+    def handoffCommitted(self, server: Any, pid: int) -> None:
+        current = self._current
+        if current is None:
+            return
+        self._phase(
+            "accepting", f"the successor accepts; we drain {server.liveSessions()} sessions"
+        )
+        self._finish(
+            {
+                "pid": pid,
+                "generation": server.generation + 1,
+                "ms": (time.monotonic() - current.started) * 1000,
+                "phases": current.phases,
+            }
+        )
+
+    def handoffAborted(self, server: Any, pid: int, reason: str) -> None:
+        current = self._current
+        if current is None or not current.helloPid:
+            return
+        code = current.process.poll()
+        if code is not None:
+            reason = f"{reason} (the successor {describeExit(code)})"
+        self._phase("rolled_back", reason)
+        self._finish(None, f"the handoff to pid {pid} was rolled back: {reason}")
