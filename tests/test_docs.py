@@ -1,0 +1,84 @@
+"""
+The documentation site: it builds without warnings, and its state diagram and transition table
+are generated from the machine's code.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+_missing = [
+    name for name in ("sphinx", "myst_parser", "graphviz") if importlib.util.find_spec(name) is None
+]
+needsSphinx = pytest.mark.skipif(
+    bool(_missing),
+    reason=f"the docs extra is not installed (no {', '.join(_missing)}): pip install '.[docs]'",
+)
+needsDot = pytest.mark.skipif(
+    shutil.which("dot") is None,
+    reason="graphviz's dot is not installed (apt-get install graphviz)",
+)
+
+
+@needsSphinx
+@needsDot
+def test_docsBuildWithoutWarnings(tmp_path: Path) -> None:
+    """
+    sphinx-build -W builds the site, with the How it works page and the state diagram rendered
+    from graceful_plugin/machine.py.
+    """
+    out = tmp_path / "html"
+    result = subprocess.run(
+        [sys.executable, "-m", "sphinx", "-W", "-q", "-b", "html"]
+        + ["-d", str(tmp_path / "doctrees"), str(DOCS), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    page = (out / "how-it-works.html").read_text()
+    assert "_images/machine.svg" in page
+    svg = (out / "_images" / "machine.svg").read_text()
+    for word in ("serving", "handing_off", "committed", "draining", "terminated", "commit"):
+        assert word in svg
+    assert "releaseListeners" in page
+
+
+@needsSphinx
+def test_generatedFromTheMachine() -> None:
+    """
+    The diagram names every state-changing transition of the machine, and the table lists the
+    effects the machine really asks for (a stop after commit releases, never closes).
+    """
+    sys.path.insert(0, str(DOCS))
+    try:
+        import diagram
+    finally:
+        sys.path.remove(str(DOCS))
+    from graceful_plugin.machine import GenerationMachine
+
+    automaton = GenerationMachine.__automat_automaton__
+    changes = {
+        (before.name, inputName, after.name)
+        for before, inputName, after, _ in automaton.allTransitions()
+        if before is not after
+    }
+    rows = {(b, i, a): effects for b, i, a, effects in diagram._effectsTable()}
+    assert set(rows) == changes
+    assert rows[("committed", "stop", "draining")] == [
+        "handoffAborted",
+        "releaseListeners",
+        "beginDrain",
+    ]
+    source = diagram.compactSource()
+    for before, inputName, after in changes:
+        assert f'"{before}" -> "{after}"' in source
+        assert inputName in source
