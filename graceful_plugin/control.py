@@ -61,7 +61,7 @@ class Hello(amp.Command):
         (b"pid", amp.Integer()),
         (b"generation", amp.Integer()),
     ]
-    errors = {HandoffBusy: b"BUSY", VersionMismatch: b"VERSION"}
+    errors = {HandoffBusy: b"BUSY", VersionMismatch: b"VERSION", NoHandoff: b"NO_HANDOFF"}
 
 
 class TakeOver(amp.Command):
@@ -336,6 +336,61 @@ class ControlProtocol(amp.AMP):
         self._descriptors.clear()
         super().connectionLost(reason)
         self.handler.connectionClosed(self, reason)
+
+    # -- malformed input: one line in the log, and the connection dropped -------------------
+
+    def _peerPid(self) -> int | None:
+        return self.peer[0] if self.peer else None
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            super().dataReceived(data)
+        except Exception as e:
+            # A box that is neither a command nor an answer we await (AMP raises from here).
+            self.log.warn(
+                "control connection from pid {pid} dropped: malformed input ({error})",
+                pid=self._peerPid(),
+                error=f"{e.__class__.__name__}: {e}"[:200],
+            )
+            if self.transport is not None:
+                self.transport.abortConnection()
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        self.log.warn(
+            "control connection from pid {pid} dropped: a frame of {length} bytes is longer than"
+            " AMP allows",
+            pid=self._peerPid(),
+            length=length,
+        )
+        super().lengthLimitExceeded(length)
+
+    def locateResponder(self, name: bytes) -> Any:
+        responder = super().locateResponder(name)
+        command = name.decode("ascii", "replace")[:64]
+        if responder is None:
+            # AMP answers UNHANDLED; the connection stays usable.
+            self.log.warn(
+                "control connection from pid {pid}: unknown command {command!r}",
+                pid=self._peerPid(),
+                command=command,
+            )
+            return None
+
+        def parsed(box: amp.AmpBox) -> Any:
+            try:
+                # Only the parsing of the arguments raises here; the responder's own errors
+                # arrive in its Deferred.
+                return responder(box)
+            except Exception as e:
+                reason = f"malformed {command} command ({e.__class__.__name__}: {e})"[:200]
+                self.log.warn(
+                    "control connection from pid {pid} dropped: {reason}",
+                    pid=self._peerPid(),
+                    reason=reason,
+                )
+                raise amp.RemoteAmpError(b"MALFORMED", reason, fatal=True) from None
+
+        return parsed
 
     @Hello.responder
     def _hello(self, version: int, pid: int) -> dict[str, Any]:

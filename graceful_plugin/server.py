@@ -75,6 +75,8 @@ class Settings:
     confirmTimeout: float = 10.0
     drainTimeout: float = 60.0
     connectTimeout: float = 5.0
+    #: How many generations may be draining at once; past it a new takeover is refused.
+    maxDraining: int = 4
     #: The command that starts a successor (L{graceful_plugin.restart.successorCommand}), and
     #: the directory to start it in.
     restartCommand: list[str] | None = None
@@ -262,7 +264,9 @@ class GracefulServer(service.Service):
         for port in self._allPorts():
             port.sessions.observe(self._sessionsChanged)
             port.resumeAccepting()
-        if self.settings.pidfile:
+        if self.settings.pidfile and not self.settings.takeover:
+            # A successor claims the pidfile only once its predecessor confirmed (takeover.py):
+            # one that steps back must not leave its own pid there.
             pidfile.claim(self.settings.pidfile, os.getpid())
         self.log.info(
             "generation {generation} (pid {pid}) serving on {listeners}",
@@ -501,6 +505,13 @@ class GracefulServer(service.Service):
             entries.extend(predecessor.entries)
         return entries
 
+    def drainingGenerations(self) -> int:
+        """
+        How many generations behind us are still draining (one that has not reported yet counts
+        as one).
+        """
+        return sum(len(p.entries) or 1 for p in self._predecessors.values())
+
     def adoptPredecessorLink(self, protocol: ControlProtocol) -> None:
         """
         Keep the connection to the predecessor we took over from, to hear its session counts.
@@ -517,6 +528,8 @@ class GracefulServer(service.Service):
         if protocol in self._predecessors:
             del self._predecessors[protocol]
             self.log.info("a draining predecessor has gone")
+            # Pass the news on if we are draining ourselves.
+            self._sessionsChanged()
         if protocol is self._successor and self.machine is not None:
             self.machine.successorLost("the successor disconnected")
             self._successor = None
@@ -525,12 +538,22 @@ class GracefulServer(service.Service):
                 self.reactor.stop()
 
     def hello(self, protocol: ControlProtocol, version: int, pid: int) -> dict[str, Any]:
+        if protocol in self._predecessors:
+            # Our own Hello came back on the link we took over on: whatever answers there (an
+            # echo server, say) is no graceful server.
+            raise NoHandoff("a Hello arrived on a successor's own handoff link")
         if version != PROTOCOL_VERSION:
             raise VersionMismatch(
                 f"this server speaks control protocol {PROTOCOL_VERSION}, the successor {version}"
             )
         if self.machine is None or self._successor is not None:
             raise HandoffBusy("handoff already in progress")
+        draining = self.drainingGenerations()
+        if draining >= self.settings.maxDraining:
+            raise HandoffBusy(
+                f"{draining} generation(s) still draining (--max-draining"
+                f" {self.settings.maxDraining}); try again when they have finished"
+            )
         if protocol.peer is not None and protocol.peer[0] != pid:
             self.log.warn(
                 "successor says it is pid {claimed} but its socket belongs to pid {actual}",

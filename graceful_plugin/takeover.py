@@ -101,9 +101,14 @@ async def takeOver(server: GracefulServer) -> None:
     except (HandoffBusy, VersionMismatch) as e:
         link.transport.loseConnection()
         raise TakeoverFailed(str(e)) from None
-    except amp.UnknownRemoteError:
+    except (amp.UnknownRemoteError, NoHandoff):
         link.transport.loseConnection()
         raise TakeoverFailed(f"the process at {path} does not speak this protocol") from None
+    except defer.TimeoutError:
+        link.transport.loseConnection()
+        raise TakeoverFailed(
+            f"the process at {path} did not answer Hello within {deadline:g} s"
+        ) from None
     except (ConnectionClosed, amp.ProtocolSwitched) as e:
         raise TakeoverFailed(f"{path} closed the connection: {e.__class__.__name__}") from None
     predecessorPid = hello["pid"]

@@ -35,6 +35,20 @@ def _positiveSeconds(name: str) -> Any:
     return coerce
 
 
+def _positiveCount(name: str) -> Any:
+    def coerce(value: str) -> int:
+        try:
+            count = int(value)
+        except ValueError:
+            raise ValueError(f"--{name} takes a whole number, not {value!r}") from None
+        if count < 1:
+            raise ValueError(f"--{name} must be at least 1")
+        return count
+
+    coerce.coerceDoc = "A whole number, at least 1."  # type: ignore[attr-defined]
+    return coerce
+
+
 class Options(usage.Options):
     """
     Options of ``twistd graceful``.
@@ -69,6 +83,13 @@ class Options(usage.Options):
             60.0,
             "Seconds existing connections have to finish once draining; then they are closed.",
             _positiveSeconds("drain-timeout"),
+        ],
+        [
+            "max-draining",
+            None,
+            4,
+            "How many older generations may be draining at once; past it a takeover is refused.",
+            _positiveCount("max-draining"),
         ],
     ]
 
@@ -251,6 +272,7 @@ def makeService(options: Options) -> service.IService:
         handoffTimeout=options["handoff-timeout"],
         confirmTimeout=options["confirm-timeout"],
         drainTimeout=options["drain-timeout"],
+        maxDraining=options["max-draining"],
         restartCommand=restartCommand(options.get("restart-command"), options["control"]),
         restartDirectory=os.getcwd(),
         activated=options.get("activated") or [],
