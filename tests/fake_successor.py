@@ -220,6 +220,11 @@ class _FakePredecessor(amp.AMP):
             "next": -1,
         }
 
+    @control.Abort.responder
+    def abort(self, reason: str) -> dict[str, Any]:
+        print(f"successor gave up: {reason}", flush=True)
+        return {}
+
     def connectionLost(self, reason: Any) -> None:
         print(f"connection lost: {reason.getErrorMessage()}", flush=True)
         super().connectionLost(reason)
