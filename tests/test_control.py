@@ -397,16 +397,20 @@ class CommitTests(ControlTestCase):
 
     def test_acceptingAfterConfirmDeadlineRolledBack(self) -> None:
         """
-        Accepting after the confirm deadline passed fails with RolledBack, and the predecessor
-        has resumed accepting and serves on.
+        After the confirm deadline the predecessor has resumed accepting and serves on; an
+        Accepting that still reaches it is answered RolledBack, and the successor's connection
+        is dropped (so its Accepting fails either way, and it steps back).
         """
-        client, _, pump = self.connect()
+        client, serverSide, pump = self.connect()
         self.hello(pump, client)
         self.call(pump, client, Commit)
         self.reactor.advance(10.0)
-        self.fail_(pump, client, Accepting).trap(RolledBack, ConnectionDone)
         self.assertEqual(self.web.events, ["resume", "pause", "resume"])
         self.assertTrue(self.web.accepting)
+        self.assertEqual(self.state(), "serving")
+        self.assertTrue(self.transports[-1].disconnecting)
+        self.assertRaises(RolledBack, self.server.accepting, serverSide)
+        self.fail_(pump, client, Accepting).trap(ConnectionDone)
         self.assertEqual(self.state(), "serving")
 
     def test_acceptingFromAStrangerRolledBack(self) -> None:
