@@ -56,14 +56,19 @@ def test_docsBuildWithoutWarnings(tmp_path: Path) -> None:
 def test_generatedFromTheMachine() -> None:
     """
     The diagram names every state-changing transition of the machine, and the table lists the
-    effects the machine really asks for (a stop after commit releases, never closes).
+    effects the machine really asks for (a stop after commit releases, never closes) of a
+    recorder that provides IGenerationEffects.
     """
     sys.path.insert(0, str(DOCS))
     try:
         import diagram
     finally:
         sys.path.remove(str(DOCS))
-    from graceful_plugin.machine import GenerationMachine
+    from zope.interface.verify import verifyObject
+
+    from graceful_plugin.machine import GenerationMachine, IGenerationEffects
+
+    assert verifyObject(IGenerationEffects, diagram._Recorder())
 
     automaton = GenerationMachine.__automat_automaton__
     changes = {
