@@ -355,6 +355,22 @@ class ControlProtocol(amp.AMP):
             if self.transport is not None:
                 self.transport.abortConnection()
 
+    def unhandledError(self, failure: Failure) -> None:
+        if not failure.check(amp.RemoteAmpError):
+            super().unhandledError(failure)
+            return
+        # A command sent without _ask failed (unknown, say): nobody awaits the error.
+        error = failure.value
+        self.log.warn(
+            "control connection from pid {pid} dropped: a command without _ask failed ({code}:"
+            " {error})",
+            pid=self._peerPid(),
+            code=error.errorCode.decode("ascii", "replace"),
+            error=str(error.description)[:200],
+        )
+        if self.transport is not None:
+            self.transport.loseConnection()
+
     def lengthLimitExceeded(self, length: int) -> None:
         self.log.warn(
             "control connection from pid {pid} dropped: a frame of {length} bytes is longer than"
