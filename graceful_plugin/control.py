@@ -80,6 +80,8 @@ class TakeOver(amp.Command):
                     (b"kind", amp.Unicode()),
                     (b"address", amp.Unicode()),
                     (b"fd", amp.Descriptor()),
+                    # The listener as a --port value, for a successor with no --port of its own.
+                    (b"spec", amp.Unicode(optional=True)),
                 ]
             ),
         ),
@@ -92,9 +94,12 @@ class Commit(amp.Command):
     """
     The successor adopted every listener and its application is ready: the predecessor pauses
     accepting and answers how many seconds the successor has to confirm it accepts.
+
+    C{dropped} names the listeners the successor did not keep: once it accepts, the predecessor
+    closes those for good (a Unix path is unlinked) instead of leaving them to the successor.
     """
 
-    arguments: list[tuple[bytes, amp.Argument]] = []
+    arguments = [(b"dropped", amp.ListOf(amp.Unicode(), optional=True))]
     response = [(b"confirmWithin", amp.Float())]
     errors = {NoHandoff: b"NO_HANDOFF"}
 
@@ -246,9 +251,9 @@ class IControlHandler(Interface):
         Answer L{TakeOver}.
         """
 
-    def commit(protocol: ControlProtocol) -> dict[str, Any]:
+    def commit(protocol: ControlProtocol, dropped: list[str] | None = None) -> dict[str, Any]:
         """
-        Answer L{Commit}.
+        Answer L{Commit}; C{dropped} names the listeners the successor did not keep.
         """
 
     def accepting(protocol: ControlProtocol) -> dict[str, Any]:
@@ -417,8 +422,8 @@ class ControlProtocol(amp.AMP):
         return self.handler.takeOver(self, start)
 
     @Commit.responder
-    def _commit(self) -> dict[str, Any]:
-        return self.handler.commit(self)
+    def _commit(self, dropped: list[str] | None = None) -> dict[str, Any]:
+        return self.handler.commit(self, dropped or [])
 
     @Accepting.responder
     def _accepting(self) -> dict[str, Any]:

@@ -24,7 +24,15 @@ from twisted.logger import Logger
 
 from graceful_plugin.sessions import SessionTracker
 
-KINDS = ("tcp", "tcp6", "unix")
+KINDS = ("tcp", "tcp6", "unix", "ssl")
+
+#: The options each kind takes.
+_OPTIONS = {
+    "tcp": {"interface", "backlog"},
+    "tcp6": {"interface", "backlog"},
+    "ssl": {"interface", "backlog", "privateKey", "certKey"},
+    "unix": {"mode", "backlog", "lockfile"},
+}
 
 
 def defaultBacklog() -> int:
@@ -45,11 +53,15 @@ class ListenerSpec:
     One listener as named on the command line.
 
     @ivar name: the listener's name (``web`` in ``web=tcp:8080``; by default kind and address).
-    @ivar kind: ``tcp``, ``tcp6`` or ``unix``.
-    @ivar host: the interface for TCP kinds.
+    @ivar kind: ``tcp``, ``tcp6``, ``unix`` or ``ssl`` (TLS over TCP, IPv4 or IPv6 by C{host}).
+    @ivar host: the interface for TCP kinds (an IPv6 link-local one with its scope:
+        ``fe80::1%eth0``).
     @ivar port: the port number for TCP kinds (0 lets the kernel choose).
     @ivar path: the filesystem path for ``unix``.
     @ivar mode: the permission bits of a Unix socket's path.
+    @ivar privateKey: for ``ssl``, the PEM file holding the private key.
+    @ivar certKey: for ``ssl``, the PEM file holding the certificate (and any chain after it).
+    @ivar tls: for ``ssl``, the TLS context loaded from those files by this process.
     """
 
     name: str
@@ -59,6 +71,18 @@ class ListenerSpec:
     path: str = ""
     mode: int = 0o666
     backlog: int = field(default_factory=defaultBacklog, compare=False)
+    privateKey: str = ""
+    certKey: str = ""
+    tls: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def family(self) -> socket.AddressFamily:
+        """
+        The socket's address family.
+        """
+        if self.kind == "unix":
+            return socket.AF_UNIX
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
 
     @property
     def address(self) -> str:
@@ -67,9 +91,29 @@ class ListenerSpec:
         """
         if self.kind == "unix":
             return self.path
-        if self.kind == "tcp6":
+        if self.family == socket.AF_INET6:
             return f"[{self.host}]:{self.port}"
         return f"{self.host}:{self.port}"
+
+    @property
+    def text(self) -> str:
+        """
+        This listener as a ``--port`` value that L{parseListener} reads back to an equal spec (how
+        a predecessor tells a successor with no ``--port`` of its own what each listener is).
+        """
+
+        def esc(value: str) -> str:
+            return value.replace("\\", "\\\\").replace(":", "\\:")
+
+        if self.kind == "unix":
+            body = f"unix:{esc(self.path)}:mode={self.mode:o}"
+        else:
+            body = f"{self.kind}:{self.port}:interface={esc(self.host)}"
+        if self.kind == "ssl":
+            body += f":privateKey={esc(self.privateKey)}:certKey={esc(self.certKey)}"
+        body += f":backlog={self.backlog}"
+        # A default name (kind:address) is what parsing gives back anyway.
+        return body if ":" in self.name else f"{self.name}={body}"
 
 
 def _splitParams(text: str) -> tuple[list[str], dict[str, str]]:
@@ -93,10 +137,16 @@ def _splitParams(text: str) -> tuple[list[str], dict[str, str]]:
     parts.append(current)
     positional: list[str] = []
     keywords: dict[str, str] = {}
+    last = ""
     for part in parts:
         key, eq, value = part.partition("=")
         if eq and key.isidentifier():
             keywords[key] = value
+            last = key
+        elif last:
+            # After a keyword, a part without "=" continues its value: an IPv6 address written
+            # without escaping its colons (interface=::1).
+            keywords[last] += ":" + part
         else:
             positional.append(part)
     return positional, keywords
@@ -117,11 +167,14 @@ def parseListener(text: str, relativeTo: str | None = None) -> ListenerSpec:
     Parse one ``--port`` value.
 
     ``8080`` means ``tcp:8080``; ``tcp:PORT[:interface=HOST][:backlog=N]``,
-    ``tcp6:PORT[:interface=HOST]`` and ``unix:PATH[:mode=0660][:backlog=N]`` are accepted, each
-    optionally preceded by ``NAME=``.
+    ``tcp6:PORT[:interface=HOST]`` (colons escaped or not; a link-local address with its scope,
+    ``fe80::1%eth0``), ``ssl:PORT:privateKey=KEY.pem[:certKey=CERT.pem][:interface=HOST]`` and
+    ``unix:PATH[:mode=0660][:backlog=N]`` are accepted, each optionally preceded by ``NAME=``.
 
-    @param relativeTo: the directory a relative Unix path is taken from (the working directory
-        when L{None}), so that the path still means the same after ``twistd`` changes directory.
+    For ``ssl``, the key and certificate are loaded here, so that a bad one stops start-up.
+
+    @param relativeTo: the directory relative paths are taken from (the working directory
+        when L{None}), so that they still mean the same after ``twistd`` changes directory.
     @raise ValueError: with a sentence a user understands.
     """
     original = text
@@ -141,9 +194,7 @@ def parseListener(text: str, relativeTo: str | None = None) -> ListenerSpec:
             f"{original!r}: unknown listener kind {kind!r} (expected one of {', '.join(KINDS)},"
             " or a bare port number)"
         )
-    allowed = {"tcp": {"interface", "backlog"}, "tcp6": {"interface", "backlog"}}.get(
-        kind, {"mode", "backlog", "lockfile"}
-    )
+    allowed = _OPTIONS[kind]
     unknown = set(keywords) - allowed
     if unknown:
         raise ValueError(f"{original!r}: unknown option(s) {', '.join(sorted(unknown))}")
@@ -172,14 +223,40 @@ def parseListener(text: str, relativeTo: str | None = None) -> ListenerSpec:
         port = _parsePortNumber(args[0], original)
         host = keywords.get("interface", "::" if kind == "tcp6" else "0.0.0.0")
         host = host.strip("[]")
-        family = socket.AF_INET6 if kind == "tcp6" else socket.AF_INET
+        v6 = kind == "tcp6" or (kind == "ssl" and ":" in host)
+        address, _, scope = host.partition("%")
         try:
-            socket.inet_pton(family, host.split("%")[0])
+            socket.inet_pton(socket.AF_INET6 if v6 else socket.AF_INET, address)
         except OSError:
             raise ValueError(
-                f"{original!r}: {host!r} is not an IPv{'6' if kind == 'tcp6' else '4'} address"
+                f"{original!r}: {host!r} is not an IPv{'6' if v6 else '4'} address"
             ) from None
-        spec = ListenerSpec(name="", kind=kind, host=host, port=port, backlog=backlog)
+        if scope and not v6:
+            raise ValueError(f"{original!r}: only IPv6 addresses take a scope (%{scope})")
+        if scope and not scope.isdigit():
+            try:
+                socket.if_nametoindex(scope)
+            except OSError:
+                raise ValueError(f"{original!r}: there is no network interface {scope!r}") from None
+        privateKey = certKey = ""
+        if kind == "ssl":
+            if not keywords.get("privateKey"):
+                raise ValueError(
+                    f"{original!r}: ssl needs privateKey=FILE (and certKey=FILE when the"
+                    " certificate is in another file)"
+                )
+            base = relativeTo if relativeTo is not None else os.getcwd()
+            privateKey = os.path.join(base, keywords["privateKey"])
+            certKey = os.path.join(base, keywords.get("certKey") or keywords["privateKey"])
+        spec = ListenerSpec(
+            name="",
+            kind=kind,
+            host=host,
+            port=port,
+            backlog=backlog,
+            privateKey=privateKey,
+            certKey=certKey,
+        )
     return ListenerSpec(
         name=name or f"{spec.kind}:{spec.address}",
         kind=spec.kind,
@@ -188,7 +265,55 @@ def parseListener(text: str, relativeTo: str | None = None) -> ListenerSpec:
         path=spec.path,
         mode=spec.mode,
         backlog=spec.backlog,
+        privateKey=spec.privateKey,
+        certKey=spec.certKey,
+        tls=loadTLS(spec.privateKey, spec.certKey, original) if spec.kind == "ssl" else None,
     )
+
+
+def loadTLS(privateKey: str, certKey: str, what: str) -> Any:
+    """
+    The server TLS context for a key and a certificate (followed by its chain, if any) in PEM
+    files, read now: each process loads its own, so certificates rotate by takeover.
+
+    @raise ValueError: with a sentence naming the file and the problem.
+    """
+    from twisted.internet.error import VerifyError
+
+    try:
+        from OpenSSL import SSL, crypto
+        from twisted.internet import ssl
+    except ImportError:  # pragma: no cover - pyOpenSSL comes with the tls extra
+        raise ValueError(f"{what!r}: TLS needs pyOpenSSL (pip install 'graceful[tls]')") from None
+
+    def read(path: str, which: str) -> bytes:
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise ValueError(f"{what!r}: cannot read the {which} {path}: {e.strerror}") from None
+
+    keyPEM = read(privateKey, "private key")
+    certPEM = read(certKey, "certificate")
+    marker = b"-----BEGIN CERTIFICATE-----"
+    blocks = [marker + block for block in certPEM.split(marker)[1:]]
+    if not blocks:
+        raise ValueError(f"{what!r}: {certKey} holds no PEM certificate")
+    try:
+        pair = ssl.PrivateCertificate.loadPEM(keyPEM + b"\n" + blocks[0])
+        chain = [ssl.Certificate.loadPEM(block).original for block in blocks[1:]]
+        options = ssl.CertificateOptions(
+            privateKey=pair.privateKey.original,
+            certificate=pair.original,
+            extraCertChain=chain or None,
+        )
+        options.getContext()
+    except (SSL.Error, crypto.Error, VerifyError, ValueError) as e:
+        raise ValueError(
+            f"{what!r}: {privateKey} and {certKey} are not a matching PEM key and certificate"
+            f" ({e.__class__.__name__})"
+        ) from None
+    return options
 
 
 def bindListener(spec: ListenerSpec) -> socket.socket:
@@ -214,7 +339,7 @@ def bindListener(spec: ListenerSpec) -> socket.socket:
             sock.close()
             raise
     else:
-        family = socket.AF_INET6 if spec.kind == "tcp6" else socket.AF_INET
+        family = spec.family
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -259,11 +384,56 @@ def _removeStaleSocket(path: str) -> None:
     raise OSError(f"{path} is in use by a running server")
 
 
-def familyOf(kind: str) -> socket.AddressFamily:
+def listeningSocketProblem(fd: int, kind: str) -> str | None:
     """
-    The address family of a listener kind.
+    What is wrong with a descriptor handed over as a listener of C{kind}, in words; L{None}
+    when it is a listening stream socket of the right family.  C{fd} is left open.
     """
+    if kind not in KINDS:
+        return f"{kind!r} is not a listener kind"
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            return "it is not a socket"
+        probe = socket.socket(fileno=os.dup(fd))
+    except OSError as e:
+        return f"it cannot be inspected ({e.strerror})"
+    with probe:
+        if probe.type != socket.SOCK_STREAM:
+            return "it is not a stream socket"
+        if probe.family not in (
+            (socket.AF_INET, socket.AF_INET6) if kind == "ssl" else (familyOf(kind),)
+        ):
+            return f"it is a {probe.family.name} socket"
+        if not probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            return "it is not listening"
+    return None
+
+
+def familyOf(kind: str, fd: int | None = None) -> socket.AddressFamily:
+    """
+    The address family of a listener kind, or of the socket C{fd} when given (``ssl`` may be
+    either IPv4 or IPv6).
+    """
+    if fd is not None:
+        probe = socket.socket(fileno=fd)
+        try:
+            return probe.family
+        finally:
+            probe.detach()
     return {"tcp": socket.AF_INET, "tcp6": socket.AF_INET6, "unix": socket.AF_UNIX}[kind]
+
+
+def wrapFactory(factory: IProtocolFactory, spec: ListenerSpec | None) -> IProtocolFactory:
+    """
+    The factory a listener serves: C{factory} itself, or wrapped in TLS for ``ssl`` (the TLS
+    context this process loaded for C{spec}).
+    """
+    if spec is None or spec.kind != "ssl":
+        return factory
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    tls = spec.tls or loadTLS(spec.privateKey, spec.certKey, spec.name)
+    return TLSMemoryBIOFactory(tls, False, factory)
 
 
 class _TrackedTCPServer(tcp.Server):
@@ -312,6 +482,7 @@ class _AdoptablePortMixin:
     sessions: SessionTracker
     name: str
     kind: str
+    spec: ListenerSpec | None = None
     _unlinkOnClose = False
     _accepting = False
     # Never shutdown(2) the socket: another process may be accepting on it.
@@ -404,22 +575,29 @@ def adoptListener(
     factory: IProtocolFactory,
     name: str = "",
     backlog: int | None = None,
+    spec: ListenerSpec | None = None,
 ) -> AdoptedTCPPort | AdoptedUNIXPort:
     """
     Build a listening port on a duplicate of C{fd}, listening but not accepting yet.  The caller
     still owns C{fd} and must close it.
 
-    @param kind: ``tcp``, ``tcp6`` or ``unix``.
+    @param kind: ``tcp``, ``tcp6``, ``unix`` or ``ssl``.
+    @param spec: what this process's command line says of the listener, if anything (an ``ssl``
+        listener is served through this process's own TLS context).
     """
+    if spec is not None:
+        kind = spec.kind
+    factory = wrapFactory(factory, spec)
     if kind == "unix":
         port: AdoptedTCPPort | AdoptedUNIXPort = AdoptedUNIXPort._fromListeningDescriptor(
             reactor, fd, factory
         )
     else:
-        port = AdoptedTCPPort._fromListeningDescriptor(reactor, fd, familyOf(kind), factory)
+        port = AdoptedTCPPort._fromListeningDescriptor(reactor, fd, familyOf(kind, fd), factory)
     port.backlog = backlog if backlog is not None else defaultBacklog()
     port.name = name
     port.kind = kind
+    port.spec = spec
     port.sessions = SessionTracker()
     port.startListening()
     return port
@@ -433,6 +611,6 @@ def portAddress(port: AdoptedTCPPort | AdoptedUNIXPort) -> str:
     if isinstance(host, UNIXAddress):
         name = host.name
         return name.decode() if isinstance(name, bytes) else str(name)
-    if port.kind == "tcp6":
+    if ":" in host.host:
         return f"[{host.host}]:{host.port}"
     return f"{host.host}:{host.port}"

@@ -142,6 +142,7 @@ class GracefulServer(service.Service):
         self._stopping = False
         self._exitCall: Any = None
         self._closing: list[Deferred[None] | None] = []
+        self._dropped: set[str] = set()
         from graceful_plugin.restart import Restarter
 
         #: Starts our successor on request (L{restart}, SIGHUP, SIGUSR2).
@@ -239,6 +240,7 @@ class GracefulServer(service.Service):
                 factory,
                 name=spec.name,
                 backlog=spec.backlog,
+                spec=spec,
             )
         finally:
             sock.close()
@@ -375,7 +377,15 @@ class GracefulServer(service.Service):
 
     def releaseListeners(self) -> None:
         for port in self._allPorts():
-            self._closing.append(port.release())
+            if port.name in self._dropped and port is not self.controlPort:
+                self.log.info(
+                    "closing listener {name} ({address}): the successor dropped it",
+                    name=port.name,
+                    address=portAddress(port),
+                )
+                self._closing.append(port.close())
+            else:
+                self._closing.append(port.release())
 
     def closeListeners(self) -> None:
         # Only a stop closes listeners for good (a handoff releases them).
@@ -584,14 +594,17 @@ class GracefulServer(service.Service):
                     "kind": port.kind,
                     "address": portAddress(port),
                     "fd": port.fileno(),
+                    "spec": _specText(port),
                 }
                 for port in batch
             ],
             "next": nextStart if nextStart < len(ports) else -1,
         }
 
-    def commit(self, protocol: ControlProtocol) -> dict[str, Any]:
+    def commit(self, protocol: ControlProtocol, dropped: list[str] | None = None) -> dict[str, Any]:
         machine = self._requireSuccessor(protocol)
+        # Listeners the successor does not keep: closed for good once it accepts.
+        self._dropped = set(dropped or [])
         if not machine.commit():
             raise NoHandoff(f"nothing to commit: server {machine.describe()}")
         elapsed = (time.monotonic() - protocol.openedAt) * 1000
@@ -657,6 +670,14 @@ class GracefulServer(service.Service):
 
         self.log.info("restart requested over the control socket", generation=self.generation)
         return self.restarter.start(report if progress else None)
+
+
+def _specText(port: Any) -> str | None:
+    """
+    A listener as a --port value, for a successor that names no listeners of its own.
+    """
+    spec = getattr(port, "spec", None)
+    return spec.text if spec is not None else None
 
 
 def maybeReady(ready: Callable[[], Any] | None) -> Deferred[Any]:

@@ -35,7 +35,7 @@ from graceful_plugin.control import (
     TakeOver,
     VersionMismatch,
 )
-from graceful_plugin.listeners import adoptListener
+from graceful_plugin.listeners import ListenerSpec, adoptListener, parseListener
 from graceful_plugin.server import TakeoverFailed, maybeReady
 
 if TYPE_CHECKING:
@@ -129,7 +129,7 @@ async def takeOver(server: GracefulServer) -> None:
             received.extend(answer["listeners"])
             start = answer["next"]
         fdsAt = time.monotonic()
-        ports, controlPort, missing = _adopt(server, received)
+        ports, controlPort, missing, dropped = _adopt(server, received)
         adopted = ports + [controlPort]
         opened = _openNew(server, missing)
         adopted.extend(opened)
@@ -138,7 +138,7 @@ async def takeOver(server: GracefulServer) -> None:
         await _timed(maybeReady(server._ready), deadline, reactor)
         readyAt = time.monotonic()
         commitSent = time.monotonic()
-        answer = await _timed(link.callRemote(Commit), deadline, reactor)
+        answer = await _timed(link.callRemote(Commit, dropped=dropped), deadline, reactor)
         committedAt = time.monotonic()
         if committedAt - commitSent > answer["confirmWithin"] / 2:
             raise TakeoverFailed(
@@ -225,15 +225,17 @@ def _closeAll(entries: list[dict[str, Any]]) -> None:
 
 def _adopt(
     server: GracefulServer, entries: list[dict[str, Any]]
-) -> tuple[list[Port], Port, list[Any]]:
+) -> tuple[list[Port], Port, list[Any], list[str]]:
     """
     Adopt the listeners we received (those our own command line keeps, or all of them when it
     names none), not accepting yet.  Every received descriptor is closed on the way.
 
-    @return: the adopted listeners, the control listener, and the listener specs of our own
-        command line that the predecessor does not have (to be opened anew).
+    @return: the adopted listeners, the control listener, the listener specs of our own
+        command line that the predecessor does not have (to be opened anew), and the names of
+        the predecessor's listeners we drop (it closes them for good once we accept).
     """
     wanted = list(server.settings.listeners)
+    dropped: list[str] = []
     ports: list[Port] = []
     controlPort: Port | None = None
     try:
@@ -257,10 +259,16 @@ def _adopt(
                         name=name,
                         address=entry["address"],
                     )
+                    dropped.append(entry["name"])
                     continue
                 wanted.remove(match)
                 name = match.name
-            ports.append(adoptListener(server.reactor, fd, entry["kind"], server.factory, name))
+                spec = match
+            else:
+                spec = _predecessorSpec(entry)
+            ports.append(
+                adoptListener(server.reactor, fd, entry["kind"], server.factory, name, spec=spec)
+            )
     except BaseException:
         for port in ports + ([controlPort] if controlPort is not None else []):
             port.release()
@@ -271,7 +279,26 @@ def _adopt(
         for port in ports:
             port.release()
         raise TakeoverFailed("the predecessor did not hand over its control socket")
-    return ports, controlPort, wanted
+    return ports, controlPort, wanted, dropped
+
+
+def _predecessorSpec(entry: dict[str, Any]) -> ListenerSpec | None:
+    """
+    What the predecessor says one listener is, read (TLS keys and all) by this process, for a
+    successor that names no listeners of its own.
+    """
+    text = entry.get("spec")
+    if not text:
+        if entry["kind"] == "ssl":
+            raise TakeoverFailed(
+                f"the predecessor's TLS listener {entry['name']!r} came without its key and"
+                " certificate files: name it with --port"
+            )
+        return None
+    try:
+        return parseListener(text)
+    except ValueError as e:
+        raise TakeoverFailed(f"the predecessor's listener {entry['name']!r}: {e}") from None
 
 
 def _openNew(server: GracefulServer, specs: list[Any]) -> list[Port]:
