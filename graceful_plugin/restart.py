@@ -33,6 +33,10 @@ if TYPE_CHECKING:
 #: How often a started successor is checked for having exited (and reaped).
 POLL_INTERVAL = 0.1
 
+#: Seconds a started successor has to say hello (its start-up runs at idle priority, so a busy
+#: machine makes it slow); the handoff's own deadlines apply from then on.
+START_TIMEOUT = 60.0
+
 Progress = Callable[[str, float, str], Any]
 
 
@@ -150,10 +154,12 @@ class Restarter(Observer):
         server: GracefulServer,
         spawn: Callable[[Sequence[str], str | None], Any] = spawnDetached,
         pollInterval: float = POLL_INTERVAL,
+        startTimeout: float = START_TIMEOUT,
     ) -> None:
         self.server = server
         self.spawn = spawn
         self.pollInterval = pollInterval
+        self.startTimeout = startTimeout
         self._current: _Restart | None = None
         self._children: list[Any] = []
         self._poller: Any = None
@@ -205,9 +211,7 @@ class Restarter(Observer):
         )
         self._phase("spawned", f"pid {process.pid}: {' '.join(command)}")
         # Until it says hello, the successor is on our clock; from then on the handoff's.
-        current.deadline = self.reactor.callLater(
-            server.settings.handoffTimeout, self._noHello, current
-        )
+        current.deadline = self.reactor.callLater(self.startTimeout, self._noHello, current)
         self._poll()
         return current.done
 
@@ -280,7 +284,7 @@ class Restarter(Observer):
         self._finish(
             None,
             f"the successor (pid {current.process.pid}) did not connect within"
-            f" {self.server.settings.handoffTimeout:g} s; it was killed",
+            f" {self.startTimeout:g} s; it was killed",
         )
 
     # -- IGenerationObserver ----------------------------------------------------------------

@@ -411,6 +411,10 @@ class GracefulServer(service.Service):
         )
         for port in self.ports:
             port.sessions.drain()
+        if self._successor is not None and self._reportCall is None:
+            # Report at once (not inside this transition: the report asks the machine), so
+            # the successor's status shows us draining from its first moments.
+            self._reportCall = self.reactor.callLater(0, self._report)
         self._sessionsChanged()
 
     def abortSessions(self) -> None:
