@@ -30,6 +30,7 @@ A fake predecessor listening at LISTEN_PATH: KIND ``version`` answers Hello with
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -155,11 +156,20 @@ def zygote(path: str) -> None:
     """
     Fork one real successor per ``go N`` line on stdin; reap with ``wait P``.
     """
+    import twisted.internet.endpoints  # noqa: F401
+    import twisted.internet.epollreactor  # noqa: F401
+    import twisted.internet.tcp  # noqa: F401
+    import twisted.internet.unix  # noqa: F401
+
     import graceful_plugin.server  # noqa: F401  (imported once, before forking)
     import graceful_plugin.takeover  # noqa: F401
     import graceful_plugin.web  # noqa: F401
 
     assert "twisted.internet.reactor" not in sys.modules
+    # What every child inherits is never garbage: keep its collections (takeover.py collects
+    # before connecting) short.
+    gc.collect()
+    gc.freeze()
     for line in sys.stdin:
         words = line.split()
         if words[:1] == ["go"]:

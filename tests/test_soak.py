@@ -1,0 +1,169 @@
+"""
+Hygiene over time: hundreds of consecutive real takeovers leave no descriptors, memory, processes
+or files behind.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.procs import Load, Processes, Server, freePort, httpGet
+
+TAKEOVERS = 500
+#: Takeovers after which the serving process is measured.
+MEASURED = (50, TAKEOVERS)
+#: Takeovers with client load (light; most run without, to keep the test short).
+LOADED = set(range(1, 26)) | set(range(TAKEOVERS - 24, TAKEOVERS + 1))
+ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+class _Zygote:
+    """
+    L{tests.fake_successor} in zygote mode: forks one real successor per takeover, so that
+    hundreds of takeovers do not each pay for Python's start-up.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.fake_successor", "c.sock", "zygote"],
+            cwd=workdir,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=open(workdir / "zygote.log", "wb"),  # noqa: SIM115 (closed with the process)
+            env=env,
+        )
+
+    def ask(self, line: str, timeout: float = 30.0) -> list[str]:
+        """
+        Send one command line; the words of the answer line, within C{timeout} seconds.
+        """
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(line.encode() + b"\n")
+        self.process.stdin.flush()
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        assert ready, f"the zygote did not answer {line!r} within {timeout} s"
+        answer = self.process.stdout.readline().decode().split()
+        assert answer, f"the zygote exited instead of answering {line!r}"
+        return answer
+
+    def children(self) -> list[tuple[int, str]]:
+        """
+        The zygote's child processes: (pid, state letter).
+        """
+        return _children(self.process.pid)
+
+
+def _children(parent: int) -> list[tuple[int, str]]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent:
+            found.append((int(entry), fields[0]))
+    return found
+
+
+def _measure(pid: int) -> tuple[int, int]:
+    """
+    The descriptors (not counting accepted TCP connections) and the resident memory in KiB of
+    process C{pid}.
+    """
+    server = Server(Path("."), [], "measured")
+    server.process = _Pid(pid)  # type: ignore[assignment]
+    with open(f"/proc/{pid}/status") as f:
+        rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return server.fdCount(), rss
+
+
+class _Pid:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+
+@pytest.mark.slow
+def test_fiveHundredTakeoversStayFlatAndLeaveNothingBehind(procs: Processes, workdir: Path) -> None:
+    """
+    Five hundred consecutive takeovers (the first and last 25 under light load): every
+    predecessor exits 0, clients see no failure, the serving process after the 500th holds
+    exactly as many descriptors as after the 50th and about as much memory, no process is left
+    over or unreaped, and a final SIGTERM leaves neither the control socket nor the pidfile nor
+    any temporary file.
+    """
+    port = freePort()
+    first = procs.server(
+        ["--port", f"tcp:{port}:interface=127.0.0.1", "--control", "c.sock"], "gen1"
+    ).start()
+    first.waitServing()
+    zygote = _Zygote(workdir)
+    holder = Server(workdir, [], "zygote")
+    holder.process = zygote.process  # reaped with the others, whatever happens
+    procs.servers.append(holder)
+    load = Load(port, clients=2, size=512, downloaders=0).start()
+    measured: dict[int, tuple[int, int]] = {}
+    previous = first.pid
+    started = time.monotonic()
+    try:
+        for n in range(2, TAKEOVERS + 2):
+            if n - 1 in LOADED:
+                load.resume()
+            else:
+                load.pause()
+            _, pid = zygote.ask(f"go {n}")
+            generation = Server(workdir, [], f"gen{n}")
+            generation.waitFor(r"took over from pid %d as generation %d" % (previous, n), 30)
+            if previous == first.pid:
+                assert first.wait(30) == 0
+            else:
+                assert zygote.ask(f"wait {previous}") == ["exit", str(previous), "0"]
+            (workdir / f"gen{n - 1}.log").unlink(missing_ok=True)
+            previous = int(pid)
+            if n - 1 in MEASURED:
+                load.pause()
+                measured[n - 1] = _measure(previous)
+                assert zygote.children() == [(previous, "S")] or [
+                    p for p, _ in zygote.children()
+                ] == [previous]
+            assert time.monotonic() - started < 240, f"only {n - 1} takeovers in 240 s"
+    finally:
+        result = load.stop()
+    elapsed = time.monotonic() - started
+    assert result.errors == {}, result.examples
+    assert result.ok > 0
+    code, body = httpGet("127.0.0.1", port, "/")
+    assert code == 200 and b"generation %d" % (TAKEOVERS + 1) in body
+    assert (workdir / "app.pid").read_text().strip() == str(previous)
+
+    fds50, rss50 = measured[50]
+    fds500, rss500 = measured[TAKEOVERS]
+    print(
+        f"\n{TAKEOVERS} takeovers in {elapsed:.1f} s; serving process after takeover 50:"
+        f" {fds50} fds, {rss50} KiB; after {TAKEOVERS}: {fds500} fds, {rss500} KiB;"
+        f" {result.ok} requests, no failures"
+    )
+    assert fds500 == fds50
+    assert rss500 <= rss50 * 1.10 + 2048, (rss50, rss500)
+
+    os.kill(previous, signal.SIGTERM)
+    assert zygote.ask(f"wait {previous}") == ["exit", str(previous), "0"]
+    assert zygote.children() == []
+    assert zygote.process.stdin is not None
+    zygote.process.stdin.close()
+    assert zygote.process.wait(30) == 0
+    assert [p for p, state in _children(os.getpid()) if state == "Z"] == []
+    left = sorted(p.name for p in workdir.iterdir() if not p.name.endswith(".log"))
+    assert left == [], left
