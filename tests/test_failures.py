@@ -419,3 +419,37 @@ def test_tooManyGenerationsDrainingRefusesTakeover(procs: Processes, workdir: Pa
         result = load.stop()
     assert "Traceback" not in refused.text()
     assert result.errors == {}, result.examples
+
+
+def test_takeoverAimedAtASilentSocketFailsClearly(workdir: Path) -> None:
+    """
+    A takeover aimed at a socket that accepts connections but never answers gives up at its
+    own --handoff-timeout, exits non-zero with one sentence, and leaves the socket in place.
+    """
+    path = workdir / "silent.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
+        silent.bind(str(path))
+        silent.listen(8)
+        result = subprocess.run(
+            [
+                TWISTD,
+                "-n",
+                "--pidfile",
+                "",
+                "graceful",
+                "--takeover",
+                path.name,
+                "--handoff-timeout",
+                "1",
+            ],
+            cwd=workdir,
+            capture_output=True,
+            text=True,
+            timeout=90,
+            stdin=subprocess.DEVNULL,
+        )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "did not answer Hello within 1 s" in output, output
+    assert "Traceback" not in output
+    assert path.exists()
