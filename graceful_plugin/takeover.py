@@ -35,7 +35,12 @@ from graceful_plugin.control import (
     TakeOver,
     VersionMismatch,
 )
-from graceful_plugin.listeners import ListenerSpec, adoptListener, parseListener
+from graceful_plugin.listeners import (
+    ListenerSpec,
+    adoptListener,
+    listeningSocketProblem,
+    parseListener,
+)
 from graceful_plugin.server import TakeoverFailed, maybeReady
 
 if TYPE_CHECKING:
@@ -241,6 +246,14 @@ def _adopt(
     try:
         for entry in entries:
             fd = entry["fd"]
+            problem = listeningSocketProblem(
+                fd, "unix" if entry["kind"] == CONTROL_KIND else entry["kind"]
+            )
+            if problem is not None:
+                raise TakeoverFailed(
+                    f"the predecessor handed over {entry['name']!r} as a {entry['kind']}"
+                    f" listener, but {problem}"
+                )
             if entry["kind"] == CONTROL_KIND:
                 controlPort = adoptListener(
                     server.reactor, fd, "unix", server._controlFactory(), name="control"
