@@ -21,9 +21,23 @@ class DrainableHTTPChannel(http.HTTPChannel):
     An HTTP/1.x channel that, once its generation drains, answers with ``Connection: close`` and
     closes an idle persistent connection between requests only, never while a request may be
     arriving.
+
+    A connection idle when draining starts is closed only if it stays quiet for L{idleGrace}
+    seconds: a pooling client that reuses it sooner (its next request may already be on the
+    wire) gets its answer, with ``Connection: close``, instead of a connection closed under its
+    request.  A connection that has not sent its first request yet is never closed as idle.
     """
 
+    #: Seconds an idle connection must stay quiet after draining starts before it is closed.
+    idleGrace = 1.0
+
     _draining = False
+    # Whether a response has been sent: a fresh connection's first request may still be on
+    # its way, and a client does not retry a request on a connection closed before any answer.
+    _served = False
+    # Bumped on every byte received: the idle check closes only a connection that stayed quiet.
+    _activity = 0
+    _idleCheck: Any = None
 
     def drain(self) -> None:
         self._draining = True
@@ -32,8 +46,27 @@ class DrainableHTTPChannel(http.HTTPChannel):
             if not last.startedWriting:
                 last.responseHeaders.setRawHeaders(b"connection", [b"close"])
             self.persistent = False
-        elif self._idle():
+        elif self._idle() and self._served and self._idleCheck is None:
+            self._idleCheck = self.callLater(self.idleGrace, self._closeIfQuiet, self._activity)
+
+    def _closeIfQuiet(self, activity: int) -> None:
+        self._idleCheck = None
+        if activity == self._activity and self._idle() and not self.requests:
             self.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._activity += 1
+        super().dataReceived(data)
+
+    def connectionLost(self, reason: Any) -> None:
+        if self._idleCheck is not None and self._idleCheck.active():
+            self._idleCheck.cancel()
+        self._idleCheck = None
+        super().connectionLost(reason)
+
+    def requestDone(self, request: Any) -> None:
+        self._served = True
+        super().requestDone(request)
 
     def _idle(self) -> bool:
         # Between requests: waiting for a request line, and no part of one received yet.

@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web import resource, server
@@ -160,12 +161,16 @@ def test_bytesStopsWhenClientGoes() -> None:
 
 def test_drainClosesIdleConnection() -> None:
     """
-    A persistent connection idle between requests is closed when its generation drains.
+    A persistent connection idle between requests is closed when its generation drains, once
+    it has stayed quiet for the channel's idle grace.
     """
     channel, transport = connect(demoSite(lambda: 1))
+    clock = Clock()
+    channel.callLater = clock.callLater
     channel.dataReceived(get(b"/"))
     assert not transport.disconnecting
     channel.drain()
+    clock.advance(channel.idleGrace)
     assert transport.disconnecting
 
 
