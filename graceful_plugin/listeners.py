@@ -359,6 +359,27 @@ def bindListener(spec: ListenerSpec) -> socket.socket:
     return sock
 
 
+def raiseFileLimit(wanted: int = 1 << 20) -> int:
+    """
+    Raise the soft limit on open descriptors towards the hard one (at most C{wanted}): a
+    successor holds two copies of every listener for a moment, and a thousand listeners with
+    their connections exceed the usual soft limit of 1024.
+
+    @return: the soft limit now in force.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        return soft
+    return target
+
+
 def _removeStaleSocket(path: str) -> None:
     """
     Remove a Unix socket file that no process listens on any more; refuse to touch a live one or

@@ -262,8 +262,10 @@ def makeService(options: Options) -> service.IService:
     The graceful server for C{options}, serving the application it names (the demo application
     when it names none).
     """
+    from graceful_plugin.listeners import raiseFileLimit
     from graceful_plugin.web import demoSite
 
+    raiseFileLimit()
     settings = Settings(
         listeners=list(options["ports"]),
         controlPath=options["control"],

@@ -461,3 +461,41 @@ def test_linkLocalWithScopeAcrossTakeover(procs: Processes, workdir: Path, netns
     assert result["errors"] == {}, result
     assert str(first.pid) in result["pids"]
     assert str(second.pid) in result["pids"]
+
+
+class LimitedServer(Server):
+    """
+    A server started with a soft limit of 1024 open descriptors, as on most systems.
+    """
+
+    def command(self) -> list[str]:
+        return ["prlimit", "--nofile=1024:", "--", *super().command()]
+
+
+@pytest.mark.slow
+def test_thousandListenersHandedOverInOneTakeover(procs: Processes, workdir: Path) -> None:
+    """
+    A server with 1,000 TCP listeners, started under a soft limit of 1024 descriptors, hands
+    all of them to a successor in one takeover, and each of them then answers from the
+    successor.
+    """
+    if shutil.which("prlimit") is None:
+        pytest.skip("needs prlimit (util-linux) to start the server under a low soft limit")
+    count = 1000
+    args = [f"--port=l{i}=tcp:0:interface=127.0.0.1" for i in range(count)]
+    first = LimitedServer(workdir, [*args, "--control", "c.sock"], "gen1")
+    procs.servers.append(first)
+    first.start().waitServing(timeout=60)
+    line = first.waitFor(r"serving on (.*)").group(1)
+    ports = [int(item.rsplit(":", 1)[1]) for item in line.split(", ")]
+    assert len(ports) == count
+    second = LimitedServer(workdir, ["--takeover", "c.sock"], "gen2")
+    procs.servers.append(second)
+    second.start().waitFor(r"took over from pid %d as generation 2" % first.pid, timeout=120)
+    assert first.wait(120) == 0
+    answered = 0
+    for port in ports:
+        status, body = get(tcpConnect("127.0.0.1", port), "/")
+        assert status == 200 and body.startswith(b"graceful demo: pid %d" % second.pid)
+        answered += 1
+    assert answered == count
