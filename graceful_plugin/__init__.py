@@ -6,4 +6,14 @@ the successor starts accepting, and only then does the old process stop acceptin
 connections and exit.
 """
 
+import os as _os
+
 __version__ = "0.1.0"
+
+#: Socket activation's variables as this process found them, read before anything else can
+#: remove them (importing twisted.internet.endpoints does): see lifecycle.activatedSockets.
+_ACTIVATION = {
+    _k: _os.environ[_k]
+    for _k in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+    if _k in _os.environ
+}

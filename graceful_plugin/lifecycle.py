@@ -9,6 +9,7 @@ changes what the server does, and an observer that fails is logged, never raised
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
 from graceful_plugin.listeners import ListenerSpec
-from graceful_plugin.systemd import ActivatedSocket, Notifier
+from graceful_plugin.systemd import ActivatedSocket, Notifier, listenFds
 
 #: At most one C{STATUS=} for session changes per this many seconds.
 STATUS_INTERVAL = 1.0
@@ -221,6 +222,48 @@ def planActivation(
         usable.remove(match)
         adopt.append((spec.name, match))
     return ActivationPlan(adopt=adopt, bind=bind, unused=unused + usable)
+
+
+def activatedSockets() -> list[ActivatedSocket]:
+    """
+    The listening sockets systemd passed us (socket activation), if any, with the variables
+    removed from the environment so that our children do not see them.
+
+    Importing C{twisted.internet.endpoints} consumes C{LISTEN_PID} and C{LISTEN_FDS} (its systemd
+    endpoint parser reads them once, at import, and removes them), so when they are gone, the
+    copy taken when C{graceful_plugin} was first imported is used, or else what that parser
+    found.
+
+    @raise ValueError: with a sentence naming the variable, when one is malformed.
+    """
+    if "LISTEN_FDS" not in os.environ:
+        from graceful_plugin import _ACTIVATION
+
+        environ = dict(_ACTIVATION) if "LISTEN_FDS" in _ACTIVATION else _consumedByTwisted()
+        if environ is not None:
+            os.environ.pop("LISTEN_FDNAMES", None)
+            return listenFds(environ)
+    return listenFds(unsetEnvironment=True)
+
+
+def _consumedByTwisted() -> dict[str, str] | None:
+    """
+    The activation variables as Twisted's endpoint parser found them, if it found any.
+    """
+    endpoints = sys.modules.get("twisted.internet.endpoints")
+    parser = getattr(endpoints, "_SystemdParser", None)
+    found = getattr(parser, "_sddaemon", None)
+    if found is None:
+        return None
+    descriptors = list(found.inheritedDescriptors())
+    if not descriptors or descriptors != list(range(3, 3 + len(descriptors))):
+        return None
+    named = found.inheritedNamedDescriptors()
+    names = sorted(named, key=named.__getitem__)
+    environ = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": str(len(descriptors))}
+    if len(names) == len(descriptors):
+        environ["LISTEN_FDNAMES"] = ":".join(names)
+    return environ
 
 
 def closeActivated(sockets: Sequence[ActivatedSocket]) -> None:

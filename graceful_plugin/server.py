@@ -199,6 +199,8 @@ class GracefulServer(service.Service):
                         address=sock.address,
                     )
                 for name, sock in plan.adopt:
+                    # systemd passes blocking sockets: the reactor's accept loop would hang.
+                    os.set_blocking(sock.fd, False)
                     ports.append(
                         adoptListener(self.reactor, sock.fd, sock.kind, self.factory, name=name)
                     )

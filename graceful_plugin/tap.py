@@ -218,10 +218,10 @@ def _activatedSockets() -> list[Any]:
     """
     The listening sockets systemd passed us (socket activation), if any.
     """
-    from graceful_plugin.systemd import listenFds
+    from graceful_plugin.lifecycle import activatedSockets
 
     try:
-        return listenFds(unsetEnvironment=True)
+        return activatedSockets()
     except ValueError as e:
         raise usage.UsageError(f"socket activation: {e}") from None
 
