@@ -227,7 +227,23 @@ class GracefulServer(service.Service):
                 port.close()
             raise
         self.ports = ports
-        self.beginServing()
+        # The sockets listen (connections wait in the queue) while the application gets ready.
+        ready = maybeReady(self._ready)
+        ready.addCallbacks(lambda _: self.beginServing(), self._notReady)
+
+    def _notReady(self, failure: Failure) -> None:
+        self.log.failure("the application is not ready", failure)
+        self.log.critical(
+            "cannot start: the application is not ready: {error}",
+            error=failure.getErrorMessage(),
+        )
+        for port in self._allPorts():
+            port.close()
+        self.exitCode = 1
+        if self.reactor.running:
+            self.reactor.stop()
+        else:
+            self.reactor.callWhenRunning(self.reactor.stop)
 
     def _bindAndAdopt(self, spec: ListenerSpec, factory: Any, kind: str | None = None) -> Port:
         try:

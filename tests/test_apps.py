@@ -227,3 +227,40 @@ def test_slowReadinessDelaysCommit(procs: Processes, workdir: Path) -> None:
     second.waitFor(r"took over from pid %d" % first.pid)
     assert first.wait(60) == 0
     assert httpGet("127.0.0.1", port, "/")[1] == b"slow app pid %d\n" % second.pid
+
+
+def test_firstGenerationAcceptsOnlyWhenReady(procs: Processes, workdir: Path) -> None:
+    """
+    A first generation whose application is not ready yet listens without serving: a request
+    sent meanwhile waits in the queue (it is not refused) and is answered once the application
+    is ready.
+    """
+    port = freePort()
+    readyFile = workdir / "ready"
+    server = procs.server([*_listen(port), "--wsgi", "tests.apps.slow_ready.app"], "gen1")
+    server.start({**ENV, "GRACEFUL_TEST_READY_FILE": str(readyFile)})
+    server.waitFor(r"warming up until")
+    early = socket.create_connection(("127.0.0.1", port), timeout=30)
+    with early:
+        early.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        assert "serving on" not in server.text()
+        readyFile.touch()
+        server.waitServing()
+        response = b""
+        while chunk := early.recv(65536):
+            response += chunk
+    assert response.startswith(b"HTTP/1.1 200")
+    assert response.endswith(b"slow app pid %d\n" % server.pid)
+
+
+def test_firstGenerationNotReadyExits(procs: Processes, workdir: Path) -> None:
+    """
+    A first generation whose application's ready() fails exits 1 with the reason, and removes
+    its control socket.
+    """
+    port = freePort()
+    server = procs.server([*_listen(port), "--wsgi", "tests.apps.slow_ready.broken"], "gen1")
+    server.start(ENV)
+    assert server.wait(60) == 1
+    assert "cannot start: the application is not ready: the database is down" in server.text()
+    assert not (workdir / "c.sock").exists()
