@@ -537,6 +537,8 @@ class _AdoptablePortMixin:
         Close our copy of the socket: never C{shutdown()}, never unlink the path.  Another process
         holding the same socket keeps accepting on it undisturbed.
         """
+        if self._closing():
+            return self.deferred  # type: ignore[attr-defined]
         self._accepting = False
         self._unlinkOnClose = False
         return self.stopListening()  # type: ignore[attr-defined]
@@ -545,9 +547,17 @@ class _AdoptablePortMixin:
         """
         Close the socket for good, as the last generation: a Unix socket's path is unlinked.
         """
+        if self._closing():
+            # Released a moment ago (a successor that stepped back, then stopped): a release
+            # never turns into an unlink of the path the predecessor still serves.
+            return self.deferred  # type: ignore[attr-defined]
         self._accepting = False
         self._unlinkOnClose = True
         return self.stopListening()  # type: ignore[attr-defined]
+
+    def _closing(self) -> bool:
+        # stopListening() was called and its connectionLost is still to run.
+        return bool(self.disconnecting and self.connected)  # type: ignore[attr-defined]
 
 
 class AdoptedTCPPort(_AdoptablePortMixin, tcp.Port):

@@ -453,3 +453,34 @@ def test_takeoverAimedAtASilentSocketFailsClearly(workdir: Path) -> None:
     assert "did not answer Hello within 1 s" in output, output
     assert "Traceback" not in output
     assert path.exists()
+
+
+def test_stepBackThenStopNeverUnlinksThePredecessorsSocket(workdir: Path) -> None:
+    """
+    A Unix listener released (a successor stepping back) and closed in the same reactor turn
+    (the same successor stopping) keeps its path: only a close on its own may unlink it.
+    """
+    from twisted.internet.protocol import Factory
+    from twisted.internet.selectreactor import SelectReactor
+
+    from graceful_plugin.listeners import ListenerSpec, adoptListener, bindListener
+
+    reactor = SelectReactor()
+    path = workdir / "c.sock"
+    sock = bindListener(ListenerSpec(name="control", kind="unix", path=str(path), mode=0o600))
+    try:
+        port = adoptListener(reactor, sock.fileno(), "unix", Factory(), name="control")
+    finally:
+        sock.close()
+    released = port.release()
+    closed = port.close()
+    done: list[object] = []
+    released.addBoth(done.append)
+    for _ in range(10):
+        if done:
+            break
+        reactor.iterate(0)
+    assert done == [None]
+    assert closed is released
+    assert path.exists()
+    reactor.disconnectAll()
