@@ -155,9 +155,11 @@ class Restarter(Observer):
         spawn: Callable[[Sequence[str], str | None], Any] = spawnDetached,
         pollInterval: float = POLL_INTERVAL,
         startTimeout: float = START_TIMEOUT,
+        killGroup: Callable[[int, int], None] = os.killpg,
     ) -> None:
         self.server = server
         self.spawn = spawn
+        self.killGroup = killGroup
         self.pollInterval = pollInterval
         self.startTimeout = startTimeout
         self._current: _Restart | None = None
@@ -189,6 +191,13 @@ class Restarter(Observer):
         state = server.machine.describe() if server.machine is not None else "starting"
         if state != "serving":
             raise HandoffBusy(f"cannot restart: this server is {state}")
+        draining = getattr(server, "drainingGenerations", lambda: 0)()
+        limit = getattr(server.settings, "maxDraining", None)
+        if limit is not None and draining >= limit:
+            raise HandoffBusy(
+                f"cannot restart: {draining} generation(s) still draining (--max-draining"
+                f" {limit}); try again when they have finished"
+            )
         command = server.settings.restartCommand
         if not command:
             raise RestartFailed("this server has no command to start a successor with")
@@ -278,7 +287,7 @@ class Restarter(Observer):
         if self._current is not current:
             return
         try:
-            os.killpg(current.process.pid, signal.SIGKILL)
+            self.killGroup(current.process.pid, signal.SIGKILL)
         except OSError:
             pass
         self._finish(
