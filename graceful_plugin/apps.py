@@ -23,6 +23,8 @@ from twisted.internet.protocol import Factory
 from twisted.web.resource import IResource
 from zope.interface import Interface
 
+from graceful_plugin.listeners import isDatagramProtocol
+
 #: The application kinds, in the order the options list them.
 KINDS = ("wsgi", "resource", "factory", "path")
 
@@ -65,6 +67,13 @@ class Application:
     name: str
     obj: Any
 
+    @property
+    def datagram(self) -> bool:
+        """
+        Whether this is a datagram protocol, which serves ``udp`` listeners (and only those).
+        """
+        return self.kind == "factory" and isDatagramProtocol(self.obj)
+
     def factory(self, reactor: Any = None) -> Any:
         """
         The protocol factory that serves this application: a site draining politely for the web
@@ -73,6 +82,8 @@ class Application:
         from graceful_plugin.web import drainableSite
 
         if self.kind == "factory":
+            if isDatagramProtocol(self.obj):
+                return self.obj
             return _asFactory(self.obj, self.name)
         if self.kind == "wsgi":
             from twisted.web.wsgi import WSGIResource
@@ -160,7 +171,7 @@ def _asFactory(obj: Any, name: str) -> Any:
             return made
     raise ApplicationError(
         f"--factory {name}: not a protocol factory (IProtocolFactory), a factory class, a protocol"
-        " class, or a callable returning a factory"
+        " class, a callable returning a factory, or a DatagramProtocol (for udp listeners)"
     )
 
 
@@ -205,7 +216,8 @@ def loadApplication(kind: str, name: str) -> Application:
                 " start_response)"
             )
     elif kind == "factory":
-        obj = _asFactory(obj, name)
+        if not isDatagramProtocol(obj):
+            obj = _asFactory(obj, name)
     elif kind == "resource":
         obj = _asResource(obj, name)
     else:

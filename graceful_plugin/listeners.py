@@ -17,20 +17,22 @@ import stat
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet import tcp, unix
+from twisted.internet import tcp, udp, unix
 from twisted.internet.address import UNIXAddress
 from twisted.internet.interfaces import IProtocolFactory, IReactorFDSet
+from twisted.internet.protocol import AbstractDatagramProtocol
 from twisted.logger import Logger
 
 from graceful_plugin.sessions import SessionTracker
 
-KINDS = ("tcp", "tcp6", "unix", "ssl")
+KINDS = ("tcp", "tcp6", "unix", "ssl", "udp")
 
 #: The options each kind takes.
 _OPTIONS = {
     "tcp": {"interface", "backlog"},
     "tcp6": {"interface", "backlog"},
     "ssl": {"interface", "backlog", "privateKey", "certKey"},
+    "udp": {"interface"},
     "unix": {"mode", "backlog", "lockfile"},
 }
 
@@ -111,7 +113,8 @@ class ListenerSpec:
             body = f"{self.kind}:{self.port}:interface={esc(self.host)}"
         if self.kind == "ssl":
             body += f":privateKey={esc(self.privateKey)}:certKey={esc(self.certKey)}"
-        body += f":backlog={self.backlog}"
+        if "backlog" in _OPTIONS[self.kind]:
+            body += f":backlog={self.backlog}"
         # A default name (kind:address) is what parsing gives back anyway.
         return body if ":" in self.name else f"{self.name}={body}"
 
@@ -223,7 +226,7 @@ def parseListener(text: str, relativeTo: str | None = None) -> ListenerSpec:
         port = _parsePortNumber(args[0], original)
         host = keywords.get("interface", "::" if kind == "tcp6" else "0.0.0.0")
         host = host.strip("[]")
-        v6 = kind == "tcp6" or (kind == "ssl" and ":" in host)
+        v6 = kind == "tcp6" or (kind in ("ssl", "udp") and ":" in host)
         address, _, scope = host.partition("%")
         try:
             socket.inet_pton(socket.AF_INET6 if v6 else socket.AF_INET, address)
@@ -340,18 +343,21 @@ def bindListener(spec: ListenerSpec) -> socket.socket:
             raise
     else:
         family = spec.family
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        kind = socket.SOCK_DGRAM if spec.kind == "udp" else socket.SOCK_STREAM
+        sock = socket.socket(family, kind)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if kind == socket.SOCK_STREAM:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 info = socket.getaddrinfo(
-                    spec.host, spec.port, family, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST
+                    spec.host, spec.port, family, kind, 0, socket.AI_NUMERICHOST
                 )
                 sock.bind(info[0][4])
             else:
                 sock.bind((spec.host, spec.port))
-            sock.listen(spec.backlog)
+            if kind == socket.SOCK_STREAM:
+                sock.listen(spec.backlog)
         except BaseException:
             sock.close()
             raise
@@ -419,13 +425,16 @@ def listeningSocketProblem(fd: int, kind: str) -> str | None:
     except OSError as e:
         return f"it cannot be inspected ({e.strerror})"
     with probe:
-        if probe.type != socket.SOCK_STREAM:
+        if kind == "udp":
+            if probe.type != socket.SOCK_DGRAM:
+                return "it is not a datagram socket"
+        elif probe.type != socket.SOCK_STREAM:
             return "it is not a stream socket"
         if probe.family not in (
-            (socket.AF_INET, socket.AF_INET6) if kind == "ssl" else (familyOf(kind),)
+            (socket.AF_INET, socket.AF_INET6) if kind in ("ssl", "udp") else (familyOf(kind),)
         ):
             return f"it is a {probe.family.name} socket"
-        if not probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        if kind != "udp" and not probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             return "it is not listening"
     return None
 
@@ -599,6 +608,48 @@ class AdoptedUNIXPort(_AdoptablePortMixin, unix.Port):
         super().connectionLost(reason)
 
 
+class AdoptedUDPPort(_AdoptablePortMixin, udp.Port):
+    """
+    A UDP port built from a descriptor we created or were handed: "accepting" means reading
+    datagrams.  Both generations hold the one socket during a handoff, and datagrams that arrive
+    while neither reads wait in its receive buffer.
+    """
+
+    def startListening(self) -> None:
+        super().startListening()
+        self.stopReading()
+
+
+def isDatagramProtocol(app: Any) -> bool:
+    """
+    Whether C{app} is a datagram protocol (class or instance), for udp listeners.
+    """
+    if isinstance(app, type):
+        return issubclass(app, AbstractDatagramProtocol)
+    return isinstance(app, AbstractDatagramProtocol)
+
+
+def datagramProtocol(app: Any, name: str) -> Any:
+    """
+    The datagram protocol a UDP listener serves: a new instance of C{app} when it is a
+    L{DatagramProtocol} class, C{app} itself when it is an instance not serving another port yet.
+
+    @raise ValueError: with a sentence, when C{app} is neither.
+    """
+    if isinstance(app, type) and issubclass(app, AbstractDatagramProtocol):
+        return app()
+    if isinstance(app, AbstractDatagramProtocol):
+        if app.transport is not None:
+            raise ValueError(
+                f"udp listener {name}: the datagram protocol instance already serves another"
+                " listener (name its class with --factory to serve several)"
+            )
+        return app
+    raise ValueError(
+        f"udp listener {name}: needs --factory naming a DatagramProtocol (class or instance)"
+    )
+
+
 def adoptListener(
     reactor: IReactorFDSet,
     fd: int,
@@ -618,6 +669,21 @@ def adoptListener(
     """
     if spec is not None:
         kind = spec.kind
+    if kind == "udp":
+        udpPort = AdoptedUDPPort._fromListeningDescriptor(
+            reactor, fd, familyOf(kind, fd), datagramProtocol(factory, name), 65535
+        )
+        udpPort.name = name
+        udpPort.kind = kind
+        udpPort.spec = spec
+        udpPort.sessions = SessionTracker()
+        udpPort.startListening()
+        return udpPort  # type: ignore[return-value]
+    if isDatagramProtocol(factory):
+        raise ValueError(
+            f"{kind} listener {name}: the application is a datagram protocol, which serves udp"
+            " listeners only"
+        )
     factory = wrapFactory(factory, spec)
     if kind == "unix":
         port: AdoptedTCPPort | AdoptedUNIXPort = AdoptedUNIXPort._fromListeningDescriptor(

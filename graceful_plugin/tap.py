@@ -168,13 +168,24 @@ class Options(usage.Options):
     def _loadApplication(self) -> None:
         from graceful_plugin.apps import ApplicationError, loadApplication
 
-        if self["application"] is None:
-            return
-        kind, name = self["application"]
-        try:
-            self["app"] = loadApplication(kind, name)
-        except ApplicationError as e:
-            raise usage.UsageError(str(e)) from None
+        if self["application"] is not None:
+            kind, name = self["application"]
+            try:
+                self["app"] = loadApplication(kind, name)
+            except ApplicationError as e:
+                raise usage.UsageError(str(e)) from None
+        # A datagram protocol serves udp listeners, and only it does.
+        datagram = self["app"] is not None and self["app"].datagram
+        for spec in self["ports"]:
+            if spec.kind == "udp" and not datagram:
+                raise usage.UsageError(
+                    f"--port {spec.name}: a udp listener needs --factory naming a DatagramProtocol"
+                )
+            if spec.kind != "udp" and datagram:
+                raise usage.UsageError(
+                    f"--factory {self['app'].name} is a datagram protocol: it serves udp listeners"
+                    f" only, and --port {spec.name} is {spec.kind}"
+                )
 
     def postOptions(self) -> None:
         ports: list[ListenerSpec] = self["ports"]

@@ -26,6 +26,7 @@ import pytest
 from tests.procs import TWISTD, Processes, Server, ShortResponse, classify, ctl, freePort
 
 Connect = Callable[[], socket.socket]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def tcpConnect(host: str, port: int) -> Connect:
@@ -499,3 +500,141 @@ def test_thousandListenersHandedOverInOneTakeover(procs: Processes, workdir: Pat
         assert status == 200 and body.startswith(b"graceful demo: pid %d" % second.pid)
         answered += 1
     assert answered == count
+
+
+class DatagramClient:
+    """
+    One thread sending numbered datagrams one at a time and waiting for each answer; a datagram
+    unanswered within 10 s is counted as lost.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.address = (host, port)
+        self.family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.answers: Counter[bytes] = Counter()
+        self.lost = 0
+        self.wrong: list[bytes] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with socket.socket(self.family, socket.SOCK_DGRAM) as s:
+            s.settimeout(10)
+            for n in range(1_000_000):
+                if self._stop.is_set():
+                    return
+                payload = b"%d" % n
+                s.sendto(payload, self.address)
+                try:
+                    data, _ = s.recvfrom(65535)
+                except TimeoutError:
+                    self.lost += 1
+                    continue
+                version, _, echoed = data.partition(b" ")
+                if echoed != payload:
+                    self.wrong.append(data)
+                self.answers[version] += 1
+
+    def __enter__(self) -> DatagramClient:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(60)
+        assert not self._thread.is_alive()
+
+
+def test_udpAcrossTakeoversLosesNoDatagram(procs: Processes, workdir: Path) -> None:
+    """
+    Datagram clients on UDP over IPv4 and IPv6 lose no datagram across two takeovers, and the
+    successor's new datagram protocol answers after the first one.
+    """
+    v4, v6 = freePort(), freePort("::1")
+    ports = ["--port", f"udp:{v4}:interface=127.0.0.1", "--port", f"udp:{v6}:interface=::1"]
+    first = procs.server(
+        [*ports, "--control", "c.sock", "--factory", "tests.apps.udp_echo_v1.Echo"], "gen1"
+    )
+    first.start({"PYTHONPATH": str(ROOT)}).waitServing()
+    with DatagramClient("127.0.0.1", v4) as four, DatagramClient("::1", v6) as six:
+        current = first
+        for n in (2, 3):
+            successor = procs.server(
+                ["--takeover", "c.sock", "--factory", "tests.apps.udp_echo_v2.Echo"], f"gen{n}"
+            )
+            successor.start({"PYTHONPATH": str(ROOT)})
+            successor.waitFor(r"took over from pid %d" % current.pid)
+            assert current.wait(60) == 0
+            current = successor
+        # Keep sending until the newest generation has answered both clients.
+        seen = {client: client.answers[b"v2"] for client in (four, six)}
+        for client in (four, six):
+            for _ in range(1000):
+                if client.answers[b"v2"] > seen[client]:
+                    break
+                client._stop.wait(0.01)
+    for client in (four, six):
+        assert client.lost == 0 and client.wrong == []
+        assert client.answers[b"v1"] > 0 and client.answers[b"v2"] > seen[client]
+
+
+def test_udpNeedsADatagramProtocol(workdir: Path) -> None:
+    """
+    A udp listener without a datagram protocol, or a datagram protocol with a TCP listener,
+    stops start-up with one sentence.
+    """
+    for args, words in [
+        (["--port", "udp:0"], "a udp listener needs --factory naming a DatagramProtocol"),
+        (
+            ["--port", "tcp:0", "--factory", "tests.apps.udp_echo_v1.Echo"],
+            "is a datagram protocol: it serves udp listeners only",
+        ),
+    ]:
+        result = subprocess.run(
+            [TWISTD, "-n", "--pidfile", "", "graceful", *args, "--control", "c.sock"],
+            cwd=workdir,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        assert result.returncode != 0
+        assert words in result.stdout + result.stderr
+        assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "8080",
+        "web=tcp:0:interface=127.0.0.1:backlog=77",
+        "tcp6:8080:interface=::1",
+        "tcp6:0:interface=fe80::1%lo",
+        r"odd=unix:/tmp/with\:colon.sock:mode=0640",
+        "udp:5353:interface=::1",
+        "dns=udp:53",
+    ],
+)
+def test_specTextReadsBackEqual(text: str) -> None:
+    """
+    The --port value a predecessor hands a successor with no --port of its own reads back to an
+    equal listener, for every kind.
+    """
+    from graceful_plugin.listeners import parseListener
+
+    spec = parseListener(text)
+    assert parseListener(spec.text) == spec
+    assert parseListener(spec.text).name == spec.name
+
+
+def test_tlsSpecTextReadsBackEqual(workdir: Path) -> None:
+    """
+    A TLS listener's --port value, keys included, reads back to an equal listener.
+    """
+    from graceful_plugin.listeners import parseListener
+
+    key, cert = makeCertificate(workdir, "one")
+    spec = parseListener(f"secure=ssl:0:privateKey={key}:certKey={cert}:interface=::1")
+    again = parseListener(spec.text)
+    assert again == spec
+    assert again.tls is not None

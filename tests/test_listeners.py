@@ -84,7 +84,7 @@ def test_names() -> None:
     [
         ("", "no listener given"),
         ("web=", "no listener given"),
-        ("udp:53", "unknown listener kind 'udp'"),
+        ("sctp:53", "unknown listener kind 'sctp'"),
         ("tcp:http", "the port must be a number, not 'http'"),
         ("tcp:70000", "between 0 and 65535"),
         ("tcp:", "expected a port number after 'tcp'"),
