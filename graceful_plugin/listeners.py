@@ -474,13 +474,13 @@ class _TrackedTCPServer(tcp.Server):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.server.sessions.opened(self)
+        self.server.sessions.opened(self)  # type: ignore[attr-defined]
 
     def connectionLost(self, reason: Any) -> None:
         try:
             super().connectionLost(reason)
         finally:
-            self.server.sessions.closed(self)
+            self.server.sessions.closed(self)  # type: ignore[attr-defined]
 
 
 class _TrackedUNIXServer(unix.Server):
@@ -490,13 +490,13 @@ class _TrackedUNIXServer(unix.Server):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.server.sessions.opened(self)
+        self.server.sessions.opened(self)  # type: ignore[attr-defined]
 
     def connectionLost(self, reason: Any) -> None:
         try:
             super().connectionLost(reason)
         finally:
-            self.server.sessions.closed(self)
+            self.server.sessions.closed(self)  # type: ignore[attr-defined]
 
 
 class _AdoptablePortMixin:

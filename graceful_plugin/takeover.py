@@ -155,7 +155,7 @@ async def takeOver(server: GracefulServer) -> None:
             port.release()
         _closeAll(received)
         # Not link.connected: amp.AMP never sets it, so the Abort was never sent.
-        if link.transport is not None and not link.transport.disconnecting:
+        if link.transport is not None and not link.transport.disconnecting:  # type: ignore[attr-defined]
             reason = str(e) or e.__class__.__name__
             # Wait (briefly) for the answer: the process exits right after us, and the reactor's
             # shutdown drops unwritten data.
@@ -261,6 +261,7 @@ def _adopt(
                 controlPort.kind = CONTROL_KIND
                 continue
             name = entry["name"]
+            spec: ListenerSpec | None
             if server.settings.listeners:
                 match = next(
                     (s for s in wanted if s.name == name or s.address == entry["address"]),

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IPullProducer
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
 from twisted.web import http, pages, resource, server
 from zope.interface import implementer
 
@@ -47,7 +49,8 @@ class DrainableHTTPChannel(http.HTTPChannel):
                 last.responseHeaders.setRawHeaders(b"connection", [b"close"])
             self.persistent = False
         elif self._idle() and self._served and self._idleCheck is None:
-            self._idleCheck = self.callLater(self.idleGrace, self._closeIfQuiet, self._activity)
+            activity = self._activity
+            self._idleCheck = self.callLater(self.idleGrace, lambda: self._closeIfQuiet(activity))
 
     def _closeIfQuiet(self, activity: int) -> None:
         self._idleCheck = None
@@ -58,7 +61,7 @@ class DrainableHTTPChannel(http.HTTPChannel):
         self._activity += 1
         super().dataReceived(data)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._idleCheck is not None and self._idleCheck.active():
             self._idleCheck.cancel()
         self._idleCheck = None
@@ -84,7 +87,7 @@ def drainableSite(root: resource.IResource, **kwargs: Any) -> server.Site:
     A L{server.Site} whose channels drain politely.
     """
     site = server.Site(root, **kwargs)
-    site.protocol = DrainableHTTPChannel
+    site.protocol = DrainableHTTPChannel  # type: ignore[method-assign, assignment]
     return site
 
 
