@@ -274,6 +274,34 @@ def parseListener(text: str, relativeTo: str | None = None) -> ListenerSpec:
     )
 
 
+def _transport(kind: str) -> str:
+    return {"udp": "datagram", "unix": "unix", "control": "unix"}.get(kind, "stream")
+
+
+def _hostOf(address: str) -> str:
+    return address.rpartition(":")[0]
+
+
+def findMatch(specs: list[ListenerSpec], name: str, kind: str, address: str) -> ListenerSpec | None:
+    """
+    Which of C{specs} (a successor's command line) keeps the predecessor's listener C{name} of
+    C{kind} at C{address}: the one of the same name at the same address (or on the same
+    interface with port 0, whatever port the kernel chose), else the one at the same address,
+    among those of the same transport (a udp listener never matches a stream one).  A listener
+    of the same name at another address is not a match: it moves (the old one is dropped, the
+    new one opened).
+    """
+    same = [s for s in specs if _transport(s.kind) == _transport(kind)]
+    for spec in same:
+        if spec.name != name:
+            continue
+        if spec.address == address:
+            return spec
+        if spec.kind != "unix" and spec.port == 0 and _hostOf(spec.address) == _hostOf(address):
+            return spec
+    return next((spec for spec in same if spec.address == address), None)
+
+
 def loadTLS(privateKey: str, certKey: str, what: str) -> Any:
     """
     The server TLS context for a key and a certificate (followed by its chain, if any) in PEM

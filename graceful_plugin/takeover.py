@@ -38,6 +38,7 @@ from graceful_plugin.control import (
 from graceful_plugin.listeners import (
     ListenerSpec,
     adoptListener,
+    findMatch,
     listeningSocketProblem,
     parseListener,
 )
@@ -263,10 +264,7 @@ def _adopt(
             name = entry["name"]
             spec: ListenerSpec | None
             if server.settings.listeners:
-                match = next(
-                    (s for s in wanted if s.name == name or s.address == entry["address"]),
-                    None,
-                )
+                match = findMatch(wanted, name, entry["kind"], entry["address"])
                 if match is None:
                     log.info(
                         "not keeping listener {name} ({address}): not on our command line",

@@ -269,10 +269,11 @@ def test_everyKindServesAcrossTakeoversUnderLoad(procs: Processes, workdir: Path
 def test_listenersAddedKeptAndDropped(procs: Processes, workdir: Path) -> None:
     """
     A successor keeps the listeners it names (by name, or by address under a new name), opens
-    the ones only it names, and the predecessor closes for good the ones the successor drops (a
-    Unix path unlinked) after letting a download in flight on it finish.
+    the ones only it names (a name moved to another port is opened there), and the predecessor
+    closes for good the ones the successor drops (a Unix path unlinked, the old port of a moved
+    name refused) after letting a download in flight on them finish.
     """
-    keep, renamed, added = freePort(), freePort(), freePort()
+    keep, renamed, added, movedFrom, movedTo = (freePort() for _ in range(5))
     first = procs.server(
         [
             "--port",
@@ -281,6 +282,8 @@ def test_listenersAddedKeptAndDropped(procs: Processes, workdir: Path) -> None:
             f"old=tcp:{renamed}:interface=127.0.0.1",
             "--port",
             "gone=unix:gone.sock",
+            "--port",
+            f"moved=tcp:{movedFrom}:interface=127.0.0.1",
             "--control",
             "c.sock",
         ],
@@ -306,12 +309,15 @@ def test_listenersAddedKeptAndDropped(procs: Processes, workdir: Path) -> None:
             f"added=tcp:{added}:interface=127.0.0.1",
             "--port",
             "fresh=unix:fresh.sock:mode=0600",
+            "--port",
+            f"moved=tcp:{movedTo}:interface=127.0.0.1",
         ],
         "gen2",
     ).start()
     second.waitFor(r"took over from pid %d" % first.pid)
     first.waitFor(r"closing listener gone \(.*gone.sock\): the successor dropped it")
-    for port in (keep, renamed, added):
+    first.waitFor(r"closing listener moved \(127.0.0.1:%d\): the successor dropped it" % movedFrom)
+    for port in (keep, renamed, added, movedTo):
         assert get(tcpConnect("127.0.0.1", port), "/")[1].startswith(
             b"graceful demo: pid %d" % second.pid
         )
@@ -329,8 +335,11 @@ def test_listenersAddedKeptAndDropped(procs: Processes, workdir: Path) -> None:
     assert not (workdir / "gone.sock").exists()
     with pytest.raises(OSError):
         get(gone, "/")
+    with pytest.raises(ConnectionRefusedError):
+        get(tcpConnect("127.0.0.1", movedFrom), "/")
     status = statusOf(workdir)
-    for name in ("keep", "new-name", "added", "fresh"):
+    assert f"127.0.0.1:{movedTo}" in status and f"127.0.0.1:{movedFrom}" not in status
+    for name in ("keep", "new-name", "added", "fresh", "moved"):
         assert f'"name": "{name}"' in status
     assert '"name": "gone"' not in status and '"name": "old"' not in status
 
@@ -638,3 +647,24 @@ def test_tlsSpecTextReadsBackEqual(workdir: Path) -> None:
     again = parseListener(spec.text)
     assert again == spec
     assert again.tls is not None
+
+
+def test_findMatchByNameThenAddressWithinTransport() -> None:
+    """
+    A successor's listener keeps a predecessor's of the same name at the same address (or any
+    port when it asks for port 0), else the one at the same address; never across UDP and TCP,
+    and not a name that moved to another address.
+    """
+    from graceful_plugin.listeners import findMatch, parseListener
+
+    web = parseListener("web=tcp:8080:interface=127.0.0.1")
+    any0 = parseListener("any=tcp:0:interface=127.0.0.1")
+    dns = parseListener("dns=udp:8080:interface=127.0.0.1")
+    specs = [web, any0, dns]
+    assert findMatch(specs, "web", "tcp", "127.0.0.1:8080") is web
+    assert findMatch(specs, "old", "tcp", "127.0.0.1:8080") is web
+    assert findMatch(specs, "any", "tcp", "127.0.0.1:41234") is any0
+    assert findMatch(specs, "any", "tcp", "0.0.0.0:41234") is None
+    assert findMatch(specs, "web", "tcp", "127.0.0.1:9090") is None
+    assert findMatch(specs, "x", "udp", "127.0.0.1:8080") is dns
+    assert findMatch([web], "web", "udp", "127.0.0.1:8080") is None
