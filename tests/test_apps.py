@@ -264,3 +264,23 @@ def test_firstGenerationNotReadyExits(procs: Processes, workdir: Path) -> None:
     assert server.wait(60) == 1
     assert "cannot start: the application is not ready: the database is down" in server.text()
     assert not (workdir / "c.sock").exists()
+
+
+def test_staticFilesThenResourceAcrossTakeover(procs: Processes, workdir: Path) -> None:
+    """
+    A generation serving a directory with ``--path`` is taken over by one serving a resource
+    built by the callable ``--resource`` names: each serves its own application.
+    """
+    site = workdir / "site"
+    site.mkdir()
+    (site / "hello.txt").write_bytes(b"static hello\n")
+    port = freePort()
+    first = procs.server([*_listen(port), "--path", "site"], "gen1").start(ENV)
+    first.waitServing()
+    assert httpGet("127.0.0.1", port, "/hello.txt") == (200, b"static hello\n")
+    second = procs.server(
+        ["--takeover", "c.sock", "--resource", "tests.apps.resource_app.makeRoot"], "gen2"
+    )
+    second.start(ENV).waitFor(r"took over from pid %d" % first.pid)
+    assert first.wait(60) == 0
+    assert httpGet("127.0.0.1", port, "/hello.txt") == (200, b"resource pid %d\n" % second.pid)
