@@ -118,12 +118,12 @@ try:
 except PermissionError:
     print("permission denied at connect")
     sys.exit(0)
-s.sendall(bytes.fromhex(sys.argv[2]))
 data = b""
 try:
+    s.sendall(bytes.fromhex(sys.argv[2]))
     while chunk := s.recv(65536):
         data += chunk
-except ConnectionResetError:
+except (BrokenPipeError, ConnectionResetError):
     pass
 print("answered" if data else "closed without an answer")
 """
