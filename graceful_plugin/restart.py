@@ -233,7 +233,12 @@ class Restarter(Observer):
         ms = (time.monotonic() - current.started) * 1000
         current.phases.append({"phase": phase, "ms": ms, "detail": detail})
         self.log.info(
-            "restart: {phase} after {ms:.1f} ms {detail}", phase=phase, ms=ms, detail=detail
+            "restart: {phase} after {ms:.1f} ms {detail}",
+            phase=phase,
+            ms=ms,
+            detail=detail,
+            successor=current.process.pid,
+            generation=self.server.generation,
         )
         if current.progress is not None:
             try:
@@ -248,7 +253,13 @@ class Restarter(Observer):
         if current.deadline is not None and current.deadline.active():
             current.deadline.cancel()
         if result is None:
-            self.log.warn("restart failed: {reason}", reason=reason)
+            self.log.warn(
+                "restart failed: {reason}",
+                reason=reason,
+                successor=current.process.pid,
+                generation=self.server.generation,
+                ms=(time.monotonic() - current.started) * 1000,
+            )
             current.done.errback(RestartFailed(reason))
         else:
             current.done.callback(result)

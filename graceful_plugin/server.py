@@ -426,6 +426,8 @@ class GracefulServer(service.Service):
             "generation {generation} draining {sessions} sessions",
             generation=self.generation,
             sessions=live,
+            pid=os.getpid(),
+            drainTimeout=self.settings.drainTimeout,
         )
         for port in self.ports:
             port.sessions.drain()
@@ -438,7 +440,10 @@ class GracefulServer(service.Service):
     def abortSessions(self) -> None:
         aborted = sum(port.sessions.abortAll() for port in self.ports)
         self.log.warn(
-            "drain deadline passed: closed {sessions} sessions still open", sessions=aborted
+            "drain deadline passed: closed {sessions} sessions still open",
+            sessions=aborted,
+            generation=self.generation,
+            pid=os.getpid(),
         )
 
     def handoffStarted(self) -> None:

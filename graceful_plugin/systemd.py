@@ -4,10 +4,10 @@ socket activation (``sd_listen_fds``).
 
 Readiness: L{Notifier} sends datagrams to the socket named by ``NOTIFY_SOCKET``. Under
 ``Type=notify`` the process systemd started says C{READY=1} once it accepts connections; during a
-handoff the predecessor says C{RELOADING=1}, and the successor, a different process, says
-C{MAINPID=} with its own pid and then C{READY=1}, so that systemd follows the new main process
-instead of declaring the service dead when the predecessor exits (this needs
-``NotifyAccess=all``; see C{docs/systemd.md}).
+handoff the predecessor says C{RELOADING=1}, and once the successor confirms it accepts, the
+predecessor says C{MAINPID=} with the successor's pid and C{READY=1}, so that systemd follows the
+new main process instead of declaring the service dead when the predecessor exits (this needs
+``NotifyAccess=all``; see C{docs/systemd.md}; the order is L{graceful_plugin.lifecycle}'s).
 
 Socket activation: L{listenFds} reads ``LISTEN_PID``, ``LISTEN_FDS`` and ``LISTEN_FDNAMES`` and
 describes the listening sockets systemd passed us, starting at descriptor 3.
@@ -187,8 +187,8 @@ class Notifier:
 
     def mainPid(self, pid: int) -> bool:
         """
-        Tell systemd that C{pid} is now the service's main process; sent by a successor about
-        itself before its predecessor exits (requires C{NotifyAccess=all}).
+        Tell systemd that C{pid} is now the service's main process (the predecessor sends it
+        about its successor, before it starts draining; requires C{NotifyAccess=all}).
 
         @param pid: the new main process id.
         @return: as L{send}.
