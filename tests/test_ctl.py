@@ -324,3 +324,40 @@ def test_successorInheritsNoDescriptor(workdir: Path) -> None:
     assert max(seen["fds"]) <= 3  # 0-2, and the descriptor listdir itself opened
     assert seen["sid"] == seen["pid"]
     assert seen["stdin"] == "/dev/null"
+
+
+_APP = """
+import os
+
+def app(environ, start_response):
+    body = b"release %s pid %d" % ({release!r}, os.getpid())
+    start_response("200 OK", [("Content-Length", str(len(body)))])
+    return [body]
+"""
+
+
+def test_restartLoadsTheCodeOnDiskAndRefusesBrokenCode(procs: Processes, workdir: Path) -> None:
+    """
+    ``restart`` re-runs the server's own command line, so the successor serves the code on disk
+    now: a broken release is rolled back (exit 1, the old release serves on) and a good one
+    takes over (exit 0, the new release answers).
+    """
+    port = freePort()
+    release = workdir / "release.py"
+    release.write_text(_APP.format(release=b"1"))
+    env = {"PYTHONPATH": str(workdir), "PYTHONDONTWRITEBYTECODE": "1"}
+    first = procs.server(_portArgs(port, "--wsgi", "release.app"), "gen1").start(env)
+    first.waitServing()
+    assert httpGet("127.0.0.1", port, "/")[1] == b"release 1 pid %d" % first.pid
+    release.write_text("def app(:\n")
+    broken = ctl(workdir, "-c", "c.sock", "restart", timeout=60)
+    assert broken.returncode == 1
+    assert "exited with status 1 before taking over" in broken.stderr
+    assert httpGet("127.0.0.1", port, "/")[1] == b"release 1 pid %d" % first.pid
+    release.write_text(_APP.format(release=b"2"))
+    fixed = ctl(workdir, "-c", "c.sock", "restart", timeout=60)
+    successor = waitForPid(workdir / "app.pid", first.pid)
+    track(procs, successor)
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert httpGet("127.0.0.1", port, "/")[1] == b"release 2 pid %d" % successor
+    assert first.wait(30) == 0
