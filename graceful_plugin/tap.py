@@ -106,6 +106,9 @@ class Options(usage.Options):
         except ValueError as e:
             raise usage.UsageError(f"--restart-command: {e}") from None
 
+    # usage.Options prints a docstring's indentation as it is: one line reads better in --help.
+    opt_restart_command.__doc__ = " ".join((opt_restart_command.__doc__ or "").split())
+
     def __init__(self) -> None:
         super().__init__()
         self["ports"] = []
