@@ -50,6 +50,7 @@ def _assertServesAlone(workdir: Path, server: Server, port: int) -> None:
         ("fds", "the successor disconnected"),
         ("adopted", "the successor disconnected"),
         ("commit", "the successor disconnected"),
+        ("real:accepting", "the successor disconnected"),
     ],
 )
 def test_successorKilledAtEachStep(
@@ -57,8 +58,8 @@ def test_successorKilledAtEachStep(
 ) -> None:
     """
     A successor killed with SIGKILL after connecting, after hello, after receiving the
-    descriptors, after adopting them, or right after commit (before it confirms accepting) leaves
-    the predecessor serving and accepting with zero client failures.
+    descriptors, after adopting them, right after commit, or once accepting but before it
+    confirmed, leaves the predecessor serving and accepting with zero client failures.
     """
     port = freePort()
     first = procs.server(_portArgs(port), "gen1").start()
@@ -66,8 +67,8 @@ def test_successorKilledAtEachStep(
     load = _lightLoad(port)
     try:
         doomed = procs.fakeSuccessor("c.sock", step)
-        doomed.waitFor(r"reached %s" % step)
-        if step == "commit":
+        doomed.waitFor(r"reached %s" % step.partition(":")[2] or step)
+        if step in ("commit", "real:accepting"):
             first.waitFor(r"committed .* paused accepting")
         doomed.kill()
         if reason is not None:
