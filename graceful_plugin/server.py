@@ -564,7 +564,9 @@ class GracefulServer(service.Service):
     def connectionClosed(self, protocol: ControlProtocol, reason: Failure) -> None:
         if protocol in self._predecessors:
             del self._predecessors[protocol]
-            self.log.info("a draining predecessor has gone")
+            if self.machine is not None:
+                # (A takeover that failed before serving closes this link too: no news then.)
+                self.log.info("a draining predecessor has gone")
             # Pass the news on if we are draining ourselves.
             self._sessionsChanged()
         if protocol is self._successor and self.machine is not None:
