@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -328,6 +329,7 @@ def test_successorInheritsNoDescriptor(workdir: Path) -> None:
 
 _APP = """
 import os
+import shlex
 
 def app(environ, start_response):
     body = b"release %s pid %d" % ({release!r}, os.getpid())
@@ -361,3 +363,34 @@ def test_restartLoadsTheCodeOnDiskAndRefusesBrokenCode(procs: Processes, workdir
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
     assert httpGet("127.0.0.1", port, "/")[1] == b"release 2 pid %d" % successor
     assert first.wait(30) == 0
+
+
+def test_aRealRestartPassesNoListeningSocket(procs: Processes, workdir: Path) -> None:
+    """
+    The process a serving server starts for a restart holds no socket at all: the listening
+    sockets reach a successor only through the control socket.
+    """
+    port = freePort()
+    dump = workdir / "fds.json"
+    probe = textwrap.dedent(
+        f"""
+        import json, os, sys
+        targets = {{}}
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                targets[fd] = os.readlink(f"/proc/self/fd/{{fd}}")
+            except OSError:
+                pass  # the descriptor listdir used, closed by now
+        json.dump(targets, open({str(dump)!r}, "w"))
+        sys.exit(5)
+        """
+    )
+    command = f"{sys.executable} -c {shlex.quote(probe)}"
+    first = procs.server(_portArgs(port, "--restart-command", command), "gen1").start()
+    first.waitServing()
+    result = ctl(workdir, "-c", "c.sock", "restart", timeout=60)
+    assert result.returncode == 1
+    assert "exited with status 5" in result.stderr
+    targets = json.loads(dump.read_text())
+    assert not [t for t in targets.values() if t.startswith("socket:")], targets
+    assert targets["0"] == "/dev/null"
