@@ -34,14 +34,15 @@ class _Zygote:
     def __init__(self, workdir: Path) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.fake_successor", "c.sock", "zygote"],
-            cwd=workdir,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=open(workdir / "zygote.log", "wb"),  # noqa: SIM115 (closed with the process)
-            env=env,
-        )
+        with open(workdir / "zygote.log", "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "tests.fake_successor", "c.sock", "zygote"],
+                cwd=workdir,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                env=env,
+            )
 
     def ask(self, line: str, timeout: float = 30.0) -> list[str]:
         """
@@ -135,9 +136,8 @@ def test_fiveHundredTakeoversStayFlatAndLeaveNothingBehind(procs: Processes, wor
             if n - 1 in MEASURED:
                 load.pause()
                 measured[n - 1] = _measure(previous)
-                assert zygote.children() == [(previous, "S")] or [
-                    p for p, _ in zygote.children()
-                ] == [previous]
+                # Every predecessor reaped, none left over: only the serving process.
+                assert [p for p, _ in zygote.children()] == [previous]
             assert time.monotonic() - started < 240, f"only {n - 1} takeovers in 240 s"
     finally:
         result = load.stop()
