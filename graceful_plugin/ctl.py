@@ -86,6 +86,14 @@ async def connect(
     return protocol
 
 
+def hangUp(protocol: ControlProtocol) -> None:
+    """
+    Close a control connection, if it is still open.
+    """
+    if protocol.transport is not None:
+        protocol.transport.loseConnection()
+
+
 async def call(protocol: ControlProtocol, command: type[amp.Command], **kw: Any) -> Any:
     """
     Call C{command}; turn a dropped connection into a sentence.
@@ -110,7 +118,7 @@ async def fetchStatus(reactor: Any, path: str) -> dict[str, Any]:
     try:
         answer = await call(protocol, Status)
     finally:
-        protocol.transport.loseConnection()
+        hangUp(protocol)
     checkVersion(answer["version"])
     return dict(answer)
 
@@ -224,8 +232,7 @@ async def restart(reactor: Any, path: str, args: argparse.Namespace) -> int:
     except amp.UnhandledCommand:
         raise CtlError("the server does not know how to restart (an older version?)") from None
     finally:
-        if protocol.transport is not None:
-            protocol.transport.loseConnection()
+        hangUp(protocol)
     outcome["phases"] = phases
     outcome["previous"] = {"pid": before["pid"], "generation": before["generation"]}
     if args.json:
@@ -308,7 +315,7 @@ async def run(reactor: Any, args: argparse.Namespace) -> int:
         try:
             await call(protocol, Stop, **kw)
         finally:
-            protocol.transport.loseConnection()
+            hangUp(protocol)
         if args.json:
             print(json.dumps({"stopping": True}))
         else:

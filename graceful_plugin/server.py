@@ -502,7 +502,7 @@ class GracefulServer(service.Service):
         """
         link = self._successor
         # Not link.connected: amp.AMP never sets it, so we never waited for the flush.
-        if link is None or link.transport is None or link.transport.disconnecting:
+        if link is None or link.transport is None or getattr(link.transport, "disconnecting", True):
             self._terminated.addCallback(lambda _: self.reactor.stop())
             return
         self._exitCall = self.reactor.callLater(2.0, self.reactor.stop)
@@ -694,7 +694,8 @@ class GracefulServer(service.Service):
     def restart(self, protocol: ControlProtocol, progress: bool) -> Deferred[dict[str, Any]]:
         def report(phase: str, ms: float, detail: str) -> None:
             # (AMP never sets Protocol.connected: look at the transport.)
-            if protocol.transport is not None and not protocol.transport.disconnecting:
+            transport = protocol.transport
+            if transport is not None and not getattr(transport, "disconnecting", True):
                 protocol.callRemote(control.RestartProgress, phase=phase, ms=ms, detail=detail)
 
         self.log.info("restart requested over the control socket", generation=self.generation)
