@@ -9,8 +9,9 @@ import os
 import socket
 import struct
 import time
-from typing import Any
+from typing import Any, cast
 
+from twisted.internet.interfaces import ITCPTransport
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -109,8 +110,8 @@ class Accepting(amp.Command):
     The successor accepts now: the predecessor only drains from here on.
     """
 
-    arguments: list[tuple[bytes, amp.Argument]] = []
-    response: list[tuple[bytes, amp.Argument]] = []
+    arguments = []
+    response = []
     errors = {NoHandoff: b"NO_HANDOFF", RolledBack: b"ROLLED_BACK"}
 
 
@@ -120,7 +121,7 @@ class Abort(amp.Command):
     """
 
     arguments = [(b"reason", amp.Unicode())]
-    response: list[tuple[bytes, amp.Argument]] = []
+    response = []
     errors = {NoHandoff: b"NO_HANDOFF"}
 
 
@@ -139,7 +140,7 @@ class ReportSessions(amp.Command):
     """
 
     arguments = [(b"generations", amp.AmpList(_generationEntry))]
-    response: list[tuple[bytes, amp.Argument]] = []
+    response = []
     requiresAnswer = False
 
 
@@ -149,7 +150,7 @@ class Status(amp.Command):
     generations still draining.
     """
 
-    arguments: list[tuple[bytes, amp.Argument]] = []
+    arguments = []
     response = [
         (b"version", amp.Integer()),
         (b"pid", amp.Integer()),
@@ -178,7 +179,7 @@ class Stop(amp.Command):
     """
 
     arguments = [(b"drainTimeout", amp.Float(optional=True))]
-    response: list[tuple[bytes, amp.Argument]] = []
+    response = []
 
 
 class RestartFailed(Exception):
@@ -221,7 +222,7 @@ class RestartProgress(amp.Command):
     """
 
     arguments = _phaseEntry
-    response: list[tuple[bytes, amp.Argument]] = []
+    response = []
     requiresAnswer = False
 
 
@@ -328,7 +329,7 @@ class ControlProtocol(amp.AMP):
                     uid=uid,
                     own=os.getuid(),
                 )
-                self.transport.abortConnection()
+                self._dropConnection()
                 return
         self.handler.connectionOpened(self)
 
@@ -357,8 +358,15 @@ class ControlProtocol(amp.AMP):
                 pid=self._peerPid(),
                 error=f"{e.__class__.__name__}: {e}"[:200],
             )
-            if self.transport is not None:
-                self.transport.abortConnection()
+            self._dropConnection()
+
+    def _dropConnection(self) -> None:
+        """
+        Drop this connection at once, unsent data and all.
+        """
+        transport = cast(ITCPTransport, self.transport)
+        if transport is not None:
+            transport.abortConnection()
 
     def unhandledError(self, failure: Failure) -> None:
         if not failure.check(amp.RemoteAmpError):

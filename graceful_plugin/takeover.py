@@ -97,7 +97,7 @@ async def takeOver(server: GracefulServer) -> None:
         link = await connectProtocol(endpoint, ControlProtocol(server))
     except ConnectError as e:
         raise TakeoverFailed(f"no server answers at {path} ({e.__class__.__name__})") from None
-    assert isinstance(link, ControlProtocol)
+    assert isinstance(link, ControlProtocol) and link.transport is not None
     server.adoptPredecessorLink(link)
     deadline = settings.handoffTimeout
     try:
