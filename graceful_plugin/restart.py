@@ -97,17 +97,20 @@ def restartCommand(given: list[str] | None, controlPath: str) -> list[str]:
 def spawnDetached(command: Sequence[str], cwd: str | None) -> subprocess.Popen[bytes]:
     """
     Start C{command} detached: its own session, stdin from C{/dev/null}, our stdout and stderr,
-    no other descriptor.
+    no other descriptor, at idle priority until it connects for the handoff.
 
     @raise OSError: when it cannot be started (no such program, not executable).
     """
-    return subprocess.Popen(
-        list(command),
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        close_fds=True,
-        start_new_session=True,
-    )
+    from graceful_plugin.takeover import idleChildren
+
+    with idleChildren():
+        return subprocess.Popen(
+            list(command),
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            close_fds=True,
+            start_new_session=True,
+        )
 
 
 def describeExit(code: int) -> str:
