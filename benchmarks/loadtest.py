@@ -534,7 +534,15 @@ class GracefulRestarter(Restarter):
         """Start a successor with ``--takeover`` and wait for one of the two to exit."""
         old, start = self.current, time.monotonic()
         name = self._next_name()
-        new = self.children.spawn(name, self._graceful_argv(name, "--takeover", str(self.control)))
+        argv = self._graceful_argv(name, "--takeover", str(self.control))
+        if self.args.successor_priority == "idle":
+            # As graceful-ctl restart and SIGHUP start it: at idle priority until it connects.
+            from graceful_plugin.takeover import idleChildren
+
+            with idleChildren():
+                new = self.children.spawn(name, argv)
+        else:
+            new = self.children.spawn(name, argv)
         deadline = start + self.args.start_timeout + self.args.drain_timeout
         while old.poll() is None and new.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
@@ -906,6 +914,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=1.0,
         help="seconds either side of a restart counted as near it",
+    )
+    add(
+        "--successor-priority",
+        choices=("idle", "normal"),
+        default="idle",
+        help="graceful mode: start each successor at idle priority, as graceful-ctl restart "
+        "and SIGHUP do (default), or at normal priority, as a plain twistd --takeover does",
     )
     add("--timeout", type=float, default=10.0, help="socket timeout of a request, seconds")
     add("--fail-pause", type=float, default=0.01, help="seconds a client waits after a failure")

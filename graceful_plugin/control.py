@@ -144,13 +144,18 @@ class ReportSessions(amp.Command):
     requiresAnswer = False
 
 
+#: Listener entries per L{Status} answer, for the same 64 KiB limit.
+STATUS_BATCH = 200
+
+
 class Status(amp.Command):
     """
     Who serves and what is live: pid, generation, state, listeners with their sessions, and the
-    generations still draining.
+    generations still draining.  The listeners come in batches from index C{start}; C{next} is
+    the index of the next batch, or -1 after the last one.
     """
 
-    arguments = []
+    arguments = [(b"start", amp.Integer(optional=True))]
     response = [
         (b"version", amp.Integer()),
         (b"pid", amp.Integer()),
@@ -170,6 +175,7 @@ class Status(amp.Command):
             ),
         ),
         (b"draining", amp.AmpList(_generationEntry)),
+        (b"next", amp.Integer(optional=True)),
     ]
 
 
@@ -272,9 +278,9 @@ class IControlHandler(Interface):
         Take a L{ReportSessions}.
         """
 
-    def status(protocol: ControlProtocol) -> dict[str, Any]:
+    def status(protocol: ControlProtocol, start: int) -> dict[str, Any]:
         """
-        Answer L{Status}.
+        Answer L{Status}, with the batch of listeners from index C{start}.
         """
 
     def stop(protocol: ControlProtocol, drainTimeout: float | None) -> dict[str, Any]:
@@ -447,8 +453,8 @@ class ControlProtocol(amp.AMP):
         return {}
 
     @Status.responder
-    def _status(self) -> dict[str, Any]:
-        return self.handler.status(self)
+    def _status(self, start: int | None = None) -> dict[str, Any]:
+        return self.handler.status(self, start or 0)
 
     @Stop.responder
     def _stop(self, drainTimeout: float | None = None) -> dict[str, Any]:

@@ -116,11 +116,17 @@ async def fetchStatus(reactor: Any, path: str) -> dict[str, Any]:
     """
     protocol = await connect(reactor, path)
     try:
-        answer = await call(protocol, Status)
+        answer = dict(await call(protocol, Status))
+        checkVersion(answer["version"])
+        # Thousands of listeners do not fit one answer: fetch the rest in batches.
+        nextStart = answer.pop("next", -1)
+        while nextStart is not None and nextStart >= 0:
+            more = await call(protocol, Status, start=nextStart)
+            answer["listeners"].extend(more["listeners"])
+            nextStart = more.get("next", -1)
     finally:
         hangUp(protocol)
-    checkVersion(answer["version"])
-    return dict(answer)
+    return answer
 
 
 def checkVersion(version: int) -> None:

@@ -666,7 +666,10 @@ class GracefulServer(service.Service):
         # Pass the news on if we are draining ourselves.
         self._sessionsChanged()
 
-    def status(self, protocol: ControlProtocol) -> dict[str, Any]:
+    def status(self, protocol: ControlProtocol, start: int = 0) -> dict[str, Any]:
+        ports = [port for port in self.ports if port.connected]
+        batch = ports[start : start + control.STATUS_BATCH]
+        nextStart = start + len(batch)
         return {
             "version": PROTOCOL_VERSION,
             "pid": os.getpid(),
@@ -681,10 +684,10 @@ class GracefulServer(service.Service):
                     "accepting": port.accepting,
                     "sessions": port.sessions.count,
                 }
-                for port in self.ports
-                if port.connected
+                for port in batch
             ],
             "draining": self._drainingEntries(),
+            "next": nextStart if nextStart < len(ports) else -1,
         }
 
     def stop(self, protocol: ControlProtocol, drainTimeout: float | None) -> dict[str, Any]:

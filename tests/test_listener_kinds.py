@@ -486,8 +486,8 @@ class LimitedServer(Server):
 def test_thousandListenersHandedOverInOneTakeover(procs: Processes, workdir: Path) -> None:
     """
     A server with 1,000 TCP listeners, started under a soft limit of 1024 descriptors, hands
-    all of them to a successor in one takeover, and each of them then answers from the
-    successor.
+    all of them to a successor in one takeover, each of them then answers from the successor,
+    and ``graceful-ctl status`` lists all 1,000 (its answer comes in batches).
     """
     if shutil.which("prlimit") is None:
         pytest.skip("needs prlimit (util-linux) to start the server under a low soft limit")
@@ -509,6 +509,10 @@ def test_thousandListenersHandedOverInOneTakeover(procs: Processes, workdir: Pat
         assert status == 200 and body.startswith(b"graceful demo: pid %d" % second.pid)
         answered += 1
     assert answered == count
+    result = ctl(workdir, "--control", "c.sock", "status", "--json")
+    assert result.returncode == 0, result.stderr
+    listed = json.loads(result.stdout)["listeners"]
+    assert sorted(int(item["address"].rsplit(":", 1)[1]) for item in listed) == sorted(ports)
 
 
 class DatagramClient:
