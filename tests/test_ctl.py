@@ -265,7 +265,7 @@ _FAKE_SERVER = textwrap.dedent(
     from graceful_plugin.control import ClientHandler, ControlProtocol
 
     class Handler(ClientHandler):
-        def status(self, protocol):
+        def status(self, protocol, start=0):
             return {"version": 99, "pid": 1, "generation": 1, "state": "serving",
                     "uptime": 0.0, "listeners": [], "draining": []}
 
