@@ -138,6 +138,7 @@ class GracefulServer(service.Service):
         self._predecessors: dict[ControlProtocol, _Predecessor] = {}
         self._predecessorLink: ControlProtocol | None = None
         self._reportCall: Any = None
+        self._draining = False
         self._terminated: Deferred[None] = Deferred()
         self._stopping = False
         self._exitCall: Any = None
@@ -421,6 +422,7 @@ class GracefulServer(service.Service):
         return sum(port.sessions.count for port in self.ports)
 
     def beginDrain(self) -> None:
+        self._draining = True
         live = self.liveSessions()
         self.log.info(
             "generation {generation} draining {sessions} sessions",
@@ -431,9 +433,11 @@ class GracefulServer(service.Service):
         )
         for port in self.ports:
             port.sessions.drain()
-        if self._successor is not None and self._reportCall is None:
+        if self._successor is not None:
             # Report at once (not inside this transition: the report asks the machine), so
             # the successor's status shows us draining from its first moments.
+            if self._reportCall is not None and self._reportCall.active():
+                self._reportCall.cancel()
             self._reportCall = self.reactor.callLater(0, self._report)
         self._sessionsChanged()
 
@@ -511,16 +515,19 @@ class GracefulServer(service.Service):
     # -- sessions and reports ---------------------------------------------------------------
 
     def _sessionsChanged(self) -> None:
-        if self.machine is None:
-            return
-        if self.liveSessions() == 0:
+        """
+        Called on every accepted and every closed connection: keep it cheap.  Draining ends the
+        moment the last session goes; reports and observers hear of changes at most every
+        L{REPORT_INTERVAL}.
+        """
+        if self._draining and self.machine is not None and self.liveSessions() == 0:
             self.machine.sessionsDrained()
-        if self._successor is not None and self._reportCall is None:
+        if self._reportCall is None:
             self._reportCall = self.reactor.callLater(REPORT_INTERVAL, self._report)
-        self._tell("sessionsChanged")
 
     def _report(self) -> None:
         self._reportCall = None
+        self._tell("sessionsChanged")
         successor = self._successor
         if successor is None or self.machine is None:
             return
