@@ -119,7 +119,8 @@ class Options(usage.Options):
     def opt_port(self, spec: str) -> None:
         """
         A listener, repeatable: 8080, tcp:8080:interface=127.0.0.1, tcp6:8080:interface=::1,
-        unix:/run/app.sock[:mode=0660], each optionally named (web=tcp:8080).
+        unix:/run/app.sock:mode=0660, ssl:8443:privateKey=K:certKey=C, udp:5353 (with
+        --factory); each optionally named: web=tcp:8080.
         """
         try:
             self["ports"].append(parseListener(spec))
@@ -130,8 +131,7 @@ class Options(usage.Options):
 
     def opt_takeover(self, path: str) -> None:
         """
-        Take over from the server whose control socket is PATH (the new process keeps its
-        listeners; the old one drains and exits).
+        Take over from the server whose control socket is PATH; the old one drains and exits.
         """
         self["takeover"] = path
 
