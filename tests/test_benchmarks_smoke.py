@@ -107,3 +107,31 @@ def test_throughput_measures_both_servers(tmp_path):
     assert result["web"]["rps_median"] > 0
     assert result["graceful"]["errors"] == result["web"]["errors"] == 0
     assert result["ratio"] > 0
+
+
+def test_handoff_measures_phases_scale_and_drain(tmp_path):
+    """handoff.py times each phase of real takeovers (all positive), one row per listener count,
+    and drains K idle keep-alive connections: the predecessor reports K sessions and exits after
+    the 1 s idle grace, and its memory grows with the connections."""
+    _require_graceful()
+    out = tmp_path / "handoff.json"
+    argv = [sys.executable, str(BENCHMARKS / "handoff.py"), "--takeovers", "2"]
+    argv += ["--listeners", "1", "--listeners", "10", "--scale-takeovers", "1"]
+    argv += ["--connections", "1", "--connections", "10", "--hard-timeout", "80"]
+    argv += ["--json", str(out)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=90, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(out.read_text())
+    phases = result["phases"]
+    assert phases["takeovers"] == 2
+    for name in ("fds", "adopt", "ready", "commit", "handoff", "confirm", "drain_to_exit"):
+        assert len(phases["phases"][name]["samples"]) == 2, name
+        assert all(value > 0 for value in phases["phases"][name]["samples"]), name
+    assert [row["listeners"] for row in result["scale"]] == [1, 10]
+    assert [row["handed_over"] for row in result["scale"]] == [2, 11]  # + the control socket
+    assert all(row["handoff"]["median"] > 0 for row in result["scale"])
+    assert [row["connections"] for row in result["drain"]] == [1, 10]
+    for row in result["drain"]:
+        assert row["sessions_at_drain"] == row["connections"]
+        assert row["commit_to_exit_ms"] > 900  # idle connections wait out their 1 s grace
+        assert row["rss_after_kib"] >= row["rss_before_kib"] > 0
