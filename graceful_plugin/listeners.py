@@ -494,37 +494,35 @@ def wrapFactory(factory: IProtocolFactory, spec: ListenerSpec | None) -> IProtoc
     return TLSMemoryBIOFactory(tls, False, factory)
 
 
-class _TrackedTCPServer(tcp.Server):
+class _SessionTracking:
     """
-    A TCP connection transport that tells its port's L{SessionTracker} when it opens and closes.
+    A connection transport that tells its port's L{SessionTracker} when it opens and closes.
     Tracking in the transport costs nothing per byte (no wrapping protocol).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.server.sessions.opened(self)  # type: ignore[attr-defined]
-
-    def connectionLost(self, reason: Any) -> None:
-        try:
-            super().connectionLost(reason)
-        finally:
-            self.server.sessions.closed(self)  # type: ignore[attr-defined]
-
-
-class _TrackedUNIXServer(unix.Server):
-    """
-    A Unix connection transport that tells its port's L{SessionTracker} when it opens and closes.
-    """
+    server: Any
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.server.sessions.opened(self)  # type: ignore[attr-defined]
+        self.server.sessions.opened(self)
 
     def connectionLost(self, reason: Any) -> None:
         try:
-            super().connectionLost(reason)
+            super().connectionLost(reason)  # type: ignore[misc]
         finally:
-            self.server.sessions.closed(self)  # type: ignore[attr-defined]
+            self.server.sessions.closed(self)
+
+
+class _TrackedTCPServer(_SessionTracking, tcp.Server):
+    """
+    A tracked TCP connection.
+    """
+
+
+class _TrackedUNIXServer(_SessionTracking, unix.Server):
+    """
+    A tracked Unix stream connection.
+    """
 
 
 class _AdoptablePortMixin:
