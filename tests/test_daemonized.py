@@ -1,0 +1,110 @@
+"""
+Daemonized servers (twistd without ``-n``), started from different working directories.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from graceful_plugin import pidfile
+from tests.procs import TWISTD, ctl, freePort, httpGet
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[int]]:
+    """
+    Pids of the daemons a test started (they are not our children: twistd forks twice), killed
+    by pid when the test ends.
+    """
+    pids: list[int] = []
+    try:
+        yield pids
+    finally:
+        for pid in pids:
+            if pidfile.alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _waitUntil(predicate: object, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _twistd(cwd: Path | str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [TWISTD, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_daemonizedTakeoverFromAnotherDirectory(workdir: Path, daemons: list[int]) -> None:
+    """
+    A daemonized server started with relative paths is taken over by a daemonized successor
+    started from another working directory: the pidfile then names the successor, the old
+    daemon exits by itself, and a graceful stop removes the control socket and the pidfile.
+    """
+    port = freePort()
+    pidPath = workdir / "app.pid"
+    first = _twistd(
+        workdir,
+        "--pidfile",
+        "app.pid",
+        "--logfile",
+        "gen1.log",
+        "graceful",
+        "--port",
+        f"tcp:{port}:interface=127.0.0.1",
+        "--control",
+        "c.sock",
+    )
+    assert first.returncode == 0, first.stdout + first.stderr
+    _waitUntil(lambda: pidfile.read(str(pidPath)) is not None, "the first daemon's pidfile")
+    firstPid = pidfile.read(str(pidPath))
+    assert firstPid is not None
+    daemons.append(firstPid)
+    _waitUntil(lambda: (workdir / "c.sock").exists(), "the control socket")
+    status, body = httpGet("127.0.0.1", port, "/")
+    assert status == 200 and f"pid {firstPid}, generation 1".encode() in body
+
+    second = _twistd(
+        "/",
+        "--pidfile",
+        str(pidPath),
+        "--logfile",
+        str(workdir / "gen2.log"),
+        "graceful",
+        "--takeover",
+        str(workdir / "c.sock"),
+    )
+    assert second.returncode == 0, second.stdout + second.stderr
+    _waitUntil(
+        lambda: pidfile.read(str(pidPath)) not in (None, firstPid), "the successor's pidfile"
+    )
+    secondPid = pidfile.read(str(pidPath))
+    assert secondPid is not None
+    daemons.append(secondPid)
+    _waitUntil(lambda: not pidfile.alive(firstPid), "the old daemon to exit")
+    status, body = httpGet("127.0.0.1", port, "/")
+    assert f"pid {secondPid}, generation 2".encode() in body
+    assert (workdir / "c.sock").exists()
+    assert "took over from pid %d as generation 2" % firstPid in (workdir / "gen2.log").read_text()
+
+    stopped = ctl(workdir, "--control", "c.sock", "stop")
+    assert stopped.returncode == 0, stopped.stderr
+    _waitUntil(lambda: not pidfile.alive(secondPid), "the successor to stop")
+    _waitUntil(lambda: not (workdir / "c.sock").exists(), "the control socket to go")
+    assert not pidPath.exists()
