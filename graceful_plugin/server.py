@@ -144,6 +144,9 @@ class GracefulServer(service.Service):
         self._exitCall: Any = None
         self._closing: list[Deferred[None] | None] = []
         self._dropped: set[str] = set()
+        #: twistd's own options, when run by twistd (for a daemon's status pipe).
+        self.twistdConfig: dict[str, Any] | None = None
+        self._statusPipe: int | None = None
         from graceful_plugin.restart import Restarter
 
         #: Starts our successor on request (L{restart}, SIGHUP, SIGUSR2).
@@ -173,8 +176,12 @@ class GracefulServer(service.Service):
         if self.settings.takeover:
             from graceful_plugin.takeover import takeOver
 
+            # Daemonized, twistd's parent process waits on this pipe: answer it when the
+            # handoff is decided (not when start-up ends), so its exit status tells.
+            config = self.twistdConfig
+            self._statusPipe = config.pop("statusPipe", None) if config is not None else None
             d = Deferred.fromCoroutine(takeOver(self))
-            d.addErrback(self._takeoverFailed)
+            d.addCallbacks(lambda _: self._tellParent(b"0"), self._takeoverFailed)
         else:
             try:
                 self._startFromScratch()
@@ -310,6 +317,7 @@ class GracefulServer(service.Service):
             path=self.settings.controlPath,
             reason=reason,
         )
+        self._tellParent(f"1 takeover failed: {reason}".encode(errors="replace"))
         self.exitCode = 1
         if self.reactor.running:
             self.reactor.stop()
@@ -355,7 +363,22 @@ class GracefulServer(service.Service):
             ),
         )
 
+    def _tellParent(self, message: bytes) -> None:
+        """
+        Answer a daemonizing twistd's parent process: C{b"0"} for success, else C{b"1 "} and a
+        reason (it prints up to 100 bytes).
+        """
+        pipe, self._statusPipe = self._statusPipe, None
+        if pipe is None:
+            return
+        try:
+            os.write(pipe, message[:100])
+            os.close(pipe)
+        except OSError:
+            pass
+
     def _exitWithCode(self) -> None:
+        self._tellParent(b"1 stopped before the takeover was decided")
         if self.settings.pidfile:
             pidfile.release(self.settings.pidfile, os.getpid())
         if self.exitCode:

@@ -302,6 +302,7 @@ def makeService(options: Options) -> service.IService:
         factory = app.factory()
         ready = app.ready()
     server = GracefulServer(settings, factory, ready=ready)
+    server.twistdConfig = getattr(options, "parent", None)
     holder["server"] = server
     server.observers.append(SystemdNotifications(Notifier.fromEnvironment(), server.reactor))
     top = service.MultiService()

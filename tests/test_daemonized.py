@@ -40,7 +40,11 @@ def _waitUntil(predicate: object, what: str, timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
 def _twistd(cwd: Path | str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
         [TWISTD, *args],
         cwd=cwd,
@@ -48,14 +52,16 @@ def _twistd(cwd: Path | str, *args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=60,
         stdin=subprocess.DEVNULL,
+        env=env,
     )
 
 
 def test_daemonizedTakeoverFromAnotherDirectory(workdir: Path, daemons: list[int]) -> None:
     """
     A daemonized server started with relative paths is taken over by a daemonized successor
-    started from another working directory: the pidfile then names the successor, the old
-    daemon exits by itself, and a graceful stop removes the control socket and the pidfile.
+    started from another working directory: the pidfile then names the successor and the old
+    daemon exits by itself; a daemonized takeover that fails makes twistd exit 1 with the
+    reason; a graceful stop removes the control socket and the pidfile.
     """
     port = freePort()
     pidPath = workdir / "app.pid"
@@ -102,6 +108,27 @@ def test_daemonizedTakeoverFromAnotherDirectory(workdir: Path, daemons: list[int
     assert f"pid {secondPid}, generation 2".encode() in body
     assert (workdir / "c.sock").exists()
     assert "took over from pid %d as generation 2" % firstPid in (workdir / "gen2.log").read_text()
+
+    # A daemonized takeover that fails after start-up (its application is never ready) makes
+    # twistd itself exit non-zero with the reason, and the serving daemon serves on.
+    failed = _twistd(
+        "/",
+        "--pidfile",
+        str(pidPath),
+        "--logfile",
+        str(workdir / "bad.log"),
+        "graceful",
+        "--takeover",
+        str(workdir / "c.sock"),
+        "--wsgi",
+        "tests.apps.slow_ready.broken",
+    )
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "takeover failed" in failed.stderr
+    assert "the database is down" in (workdir / "bad.log").read_text()
+    assert pidfile.read(str(pidPath)) == secondPid
+    status, body = httpGet("127.0.0.1", port, "/")
+    assert f"pid {secondPid}, generation 2".encode() in body
 
     stopped = ctl(workdir, "--control", "c.sock", "stop")
     assert stopped.returncode == 0, stopped.stderr
