@@ -284,10 +284,11 @@ def _timedOutAfterCommit(inputs: GenerationInputs, core: GenerationCore, data: D
 
 @committed.upon(GenerationInputs.stop).to(draining)
 def _stopWhileCommitted(inputs: GenerationInputs, core: GenerationCore, data: Deadline) -> None:
+    # The successor adopted these sockets and may already accept: the handoff goes through (its
+    # confirmation will be answered yes), and we release, never unlinking a path it owns.
     data.cancel()
-    core.effects.handoffAborted("this server is stopping")
-    # The successor adopted these sockets and may already accept: release, never unlink its paths.
     core.effects.releaseListeners()
+    core.effects.handoffCommitted()
     core.effects.beginDrain()
 
 

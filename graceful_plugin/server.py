@@ -147,6 +147,7 @@ class GracefulServer(service.Service):
         #: twistd's own options, when run by twistd (for a daemon's status pipe).
         self.twistdConfig: dict[str, Any] | None = None
         self._statusPipe: int | None = None
+        self._handedOver = False
         from graceful_plugin.restart import Restarter
 
         #: Starts our successor on request (L{restart}, SIGHUP, SIGUSR2).
@@ -492,6 +493,9 @@ class GracefulServer(service.Service):
         self._tell("handoffAborted", self._successorPid, reason)
 
     def handoffCommitted(self) -> None:
+        # From here on the successor's confirmation is answered yes, even if a stop completed
+        # the handoff before the confirmation arrived.
+        self._handedOver = True
         successor = self._successor
         elapsed = (time.monotonic() - successor.openedAt) * 1000 if successor else 0.0
         self.log.info(
@@ -679,7 +683,7 @@ class GracefulServer(service.Service):
     def accepting(self, protocol: ControlProtocol) -> dict[str, Any]:
         if protocol is not self._successor or self.machine is None:
             raise RolledBack("the handoff was rolled back; the predecessor serves on")
-        if not self.machine.successorAccepting():
+        if not self.machine.successorAccepting() and not self._handedOver:
             raise RolledBack(f"the handoff was rolled back: server {self.machine.describe()}")
         return {}
 

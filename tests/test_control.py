@@ -386,6 +386,23 @@ class CommitTests(ControlTestCase):
             self.assertEqual(port.events, ["resume", "pause", "release"])
         self.assertEqual(self.server.machine.describe(), "terminated")  # type: ignore[union-attr]
 
+    def test_stopAfterCommitStillConfirmsTheSuccessor(self) -> None:
+        """
+        A stop between Commit and Accepting completes the handoff: every port is released (none
+        closed, none resumed), the successor's link stays open, and its Accepting is answered
+        yes instead of RolledBack.
+        """
+        client, _, pump = self.connect()
+        self.hello(pump, client)
+        self.call(pump, client, Commit)
+        # A session still open keeps this generation draining (not exiting) meanwhile.
+        self.web.sessions.opened(object())
+        self.server.machine.stop()  # type: ignore[union-attr]
+        self.assertFalse(self.transports[-1].disconnecting)
+        self.assertEqual(self.call(pump, client, Accepting), {})
+        for port in (self.web, self.api, self.control):
+            self.assertEqual(port.events, ["resume", "pause", "release"])
+
     def test_acceptingWithoutCommitRolledBack(self) -> None:
         """
         Accepting before Commit fails with RolledBack and nothing is released.

@@ -79,8 +79,8 @@ def test_generatedFromTheMachine() -> None:
     rows = {(b, i, a): effects for b, i, a, effects in diagram._effectsTable()}
     assert set(rows) == changes
     assert rows[("committed", "stop", "draining")] == [
-        "handoffAborted",
         "releaseListeners",
+        "handoffCommitted",
         "beginDrain",
     ]
     source = diagram.compactSource()

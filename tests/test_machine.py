@@ -328,15 +328,16 @@ def test_stopWhileHandingOffAbortsClosesAndDrains() -> None:
 
 def test_stopWhileCommittedReleasesWithoutClosing() -> None:
     """
-    A stop after commit releases the listeners without closing them: the successor holds the
-    same sockets (and may already accept), so no path it owns may be unlinked.
+    A stop after commit completes the handoff: it releases the listeners without closing them
+    (the successor holds the same sockets and may already accept, so no path it owns may be
+    unlinked), counts the handoff as committed, and drains.
     """
     machine, effects, clock = committed()
     machine.stop()
     calls = effects.take()
     assert "closeListeners" not in calls
     assert "resumeAccepting" not in calls
-    assert calls == ["handoffAborted", "releaseListeners", "beginDrain"]
+    assert calls == ["releaseListeners", "handoffCommitted", "beginDrain"]
     assert machine.describe() == "draining"
     clock.advance(CONFIRM)
     assert "resumeAccepting" not in effects.calls
