@@ -392,6 +392,13 @@ class GracefulServer(service.Service):
     def stopService(self) -> Deferred[None]:
         super().stopService()
         if self.machine is None:
+            if not self.settings.takeover:
+                # A first generation stopped while its application gets ready: nobody else
+                # holds these sockets, so close them for good (Unix paths unlinked).
+                self.closeListeners()
+                return DeferredList([d for d in self._closing if d is not None]).addCallback(
+                    lambda _: None
+                )
             return succeed(None)
         self._stopping = True
         self.machine.stop()

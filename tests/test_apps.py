@@ -6,6 +6,7 @@ loaded anew by every successor, and their readiness awaited before a handoff com
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -251,6 +252,22 @@ def test_firstGenerationAcceptsOnlyWhenReady(procs: Processes, workdir: Path) ->
             response += chunk
     assert response.startswith(b"HTTP/1.1 200")
     assert response.endswith(b"slow app pid %d\n" % server.pid)
+
+
+def test_firstGenerationStoppedWhileGettingReady(procs: Processes, workdir: Path) -> None:
+    """
+    A first generation stopped (SIGTERM) while its application is still getting ready exits 0
+    and removes its control socket and pidfile.
+    """
+    port = freePort()
+    server = procs.server([*_listen(port), "--wsgi", "tests.apps.slow_ready.app"], "gen1")
+    server.start({**ENV, "GRACEFUL_TEST_READY_FILE": str(workdir / "never")})
+    server.waitFor(r"warming up until")
+    assert (workdir / "c.sock").exists()
+    server.signal(signal.SIGTERM)
+    assert server.wait(30) == 0
+    assert not (workdir / "c.sock").exists()
+    assert not (workdir / "app.pid").exists()
 
 
 def test_firstGenerationNotReadyExits(procs: Processes, workdir: Path) -> None:
