@@ -25,15 +25,21 @@ def read(path: str) -> int | None:
 
 def alive(pid: int) -> bool:
     """
-    Whether a process C{pid} exists.
+    Whether a process C{pid} runs (a zombie, exited but not yet reaped by its parent, does not).
     """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # pid (comm) state ...: comm may hold spaces and parentheses, so look after the last.
+            state = f.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
         return True
-    return True
+    return state != "Z"
 
 
 def livePid(path: str) -> int | None:

@@ -141,6 +141,24 @@ class Server:
         return count
 
 
+def childProcesses(parent: int) -> list[tuple[int, str]]:
+    """
+    The (pid, state) of every process whose parent is C{parent} (state C{Z}: a zombie).
+    """
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent:
+            found.append((int(entry), fields[0]))
+    return found
+
+
 def _tcpConnectionInodes(pid: int) -> set[str]:
     inodes = set()
     for table in ("tcp", "tcp6"):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from graceful_plugin import pidfile
-from tests.procs import TWISTD, ctl, freePort, httpGet
+from tests.procs import TWISTD, childProcesses, ctl, freePort, httpGet
 
 
 @pytest.fixture
@@ -24,12 +24,37 @@ def daemons() -> Iterator[list[int]]:
     by pid when the test ends.
     """
     pids: list[int] = []
+    before = {pid for pid, _ in childProcesses(os.getpid())}
     try:
         yield pids
     finally:
         for pid in pids:
             if pidfile.alive(pid):
                 os.kill(pid, signal.SIGKILL)
+            _reap(pid)
+        # twistd's double fork leaves its intermediate process (and the daemon, once it exits)
+        # to us when the test process is a child subreaper: reap them.
+        for pid, state in childProcesses(os.getpid()):
+            if pid not in before and state == "Z":
+                _reap(pid)
+
+
+def _reap(pid: int) -> None:
+    """
+    Reap C{pid} if it became our child (a test process that is a child subreaper inherits the
+    orphaned daemons), so no zombie is left behind.
+    """
+    try:
+        os.waitpid(pid, 0 if not pidfile.alive(pid) else os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def _gone(pid: int) -> bool:
+    if pidfile.alive(pid):
+        return False
+    _reap(pid)
+    return True
 
 
 def _waitUntil(predicate: object, what: str, timeout: float = 30.0) -> None:
@@ -103,7 +128,7 @@ def test_daemonizedTakeoverFromAnotherDirectory(workdir: Path, daemons: list[int
     secondPid = pidfile.read(str(pidPath))
     assert secondPid is not None
     daemons.append(secondPid)
-    _waitUntil(lambda: not pidfile.alive(firstPid), "the old daemon to exit")
+    _waitUntil(lambda: _gone(firstPid), "the old daemon to exit")
     status, body = httpGet("127.0.0.1", port, "/")
     assert f"pid {secondPid}, generation 2".encode() in body
     assert (workdir / "c.sock").exists()
@@ -132,6 +157,6 @@ def test_daemonizedTakeoverFromAnotherDirectory(workdir: Path, daemons: list[int
 
     stopped = ctl(workdir, "--control", "c.sock", "stop")
     assert stopped.returncode == 0, stopped.stderr
-    _waitUntil(lambda: not pidfile.alive(secondPid), "the successor to stop")
+    _waitUntil(lambda: _gone(secondPid), "the successor to stop")
     _waitUntil(lambda: not (workdir / "c.sock").exists(), "the control socket to go")
     assert not pidPath.exists()

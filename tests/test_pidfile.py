@@ -5,6 +5,8 @@ The pidfile shared by generations: claimed atomically, released only by its owne
 from __future__ import annotations
 
 import os
+import subprocess
+import time
 from pathlib import Path
 
 from graceful_plugin import pidfile
@@ -71,6 +73,26 @@ def test_alive() -> None:
     assert pidfile.alive(os.getpid())
     assert pidfile.alive(os.getppid())
     assert not pidfile.alive(999999999)
+
+
+def test_zombieIsNotAlive() -> None:
+    """
+    A process that exited but was not reaped yet (a zombie) does not count as alive.
+    """
+    child = subprocess.Popen(["true"])
+    try:
+        deadline = time.monotonic() + 30
+        while _state(child.pid) != "Z":
+            assert time.monotonic() < deadline, "the child never exited"
+            time.sleep(0.01)
+        assert not pidfile.alive(child.pid)
+    finally:
+        child.wait(10)
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()[0]
 
 
 def test_livePid(workdir: Path) -> None:

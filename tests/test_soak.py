@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import Load, Processes, Server, freePort, httpGet
+from tests.procs import Load, Processes, Server, childProcesses, freePort, httpGet
 
 TAKEOVERS = 500
 #: Takeovers after which the serving process is measured.
@@ -61,22 +61,7 @@ class _Zygote:
         """
         The zygote's child processes: (pid, state letter).
         """
-        return _children(self.process.pid)
-
-
-def _children(parent: int) -> list[tuple[int, str]]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == parent:
-            found.append((int(entry), fields[0]))
-    return found
+        return childProcesses(self.process.pid)
 
 
 def _measure(pid: int) -> tuple[int, int]:
@@ -164,6 +149,6 @@ def test_fiveHundredTakeoversStayFlatAndLeaveNothingBehind(procs: Processes, wor
     assert zygote.process.stdin is not None
     zygote.process.stdin.close()
     assert zygote.process.wait(30) == 0
-    assert [p for p, state in _children(os.getpid()) if state == "Z"] == []
+    assert [p for p, state in childProcesses(os.getpid()) if state == "Z"] == []
     left = sorted(p.name for p in workdir.iterdir() if not p.name.endswith(".log"))
     assert left == [], left
