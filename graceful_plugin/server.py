@@ -496,7 +496,8 @@ class GracefulServer(service.Service):
             generation=self.generation,
         )
         if successor is not None and successor.transport is not None:
-            successor.transport.loseConnection()
+            # Not now: we may be inside a responder (Abort) whose answer is still to be written.
+            self.reactor.callLater(0, successor.transport.loseConnection)
         self._tell("handoffAborted", self._successorPid, reason)
 
     def handoffCommitted(self) -> None:

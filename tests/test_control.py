@@ -441,15 +441,13 @@ class CommitTests(ControlTestCase):
 class RollbackTests(ControlTestCase):
     def test_abortAfterCommitResumes(self) -> None:
         """
-        Abort after Commit rolls back: accepting resumes, the successor is dropped, and a new
-        successor may say Hello.
+        Abort after Commit is answered, then rolls back: accepting resumes, the successor is
+        dropped, and a new successor may say Hello.
         """
         client, _, pump = self.connect()
         self.hello(pump, client)
         self.call(pump, client, Commit)
-        # The answer may be lost with the connection the server drops: the rollback is the point.
-        client.callRemote(Abort, reason="app failed").addErrback(lambda f: f.trap(ConnectionDone))
-        pump.flush()
+        self.assertEqual(self.call(pump, client, Abort, reason="app failed"), {})
         self.assertEqual(self.web.events, ["resume", "pause", "resume"])
         self.assertTrue(self.web.accepting)
         self.assertEqual(self.state(), "serving")
