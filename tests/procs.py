@@ -16,8 +16,10 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 BIN = Path(sys.executable).parent
 TWISTD = str(BIN / "twistd")
@@ -226,23 +228,50 @@ def ctl(directory: Path, *args: str, timeout: float = 20.0) -> subprocess.Comple
     )
 
 
+def waitForStatus(
+    directory: Path,
+    predicate: Callable[[dict[str, Any]], bool],
+    what: str,
+    control: str = "c.sock",
+    timeout: float = 30,
+) -> dict[str, Any]:
+    """
+    Poll ``graceful-ctl status --json`` (bounded) until C{predicate} holds for it.
+
+    @return: the status that satisfied C{predicate}.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = ctl(directory, "--control", control, "status", "--json")
+        if result.returncode == 0:
+            status: dict[str, Any] = json.loads(result.stdout)
+            if predicate(status):
+                return status
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never saw {what}: {result.stdout}{result.stderr}")
+        time.sleep(0.05)
+
+
+def liveSessions(status: dict[str, Any]) -> int:
+    """
+    The serving generation's live sessions in a status.
+    """
+    return sum(item["sessions"] for item in status["listeners"])
+
+
 def waitForSessions(
     directory: Path, count: int, control: str = "c.sock", timeout: float = 30
 ) -> None:
     """
     Wait until the serving generation reports C{count} live sessions and nothing draining.
     """
-    deadline = time.monotonic() + timeout
-    while True:
-        result = ctl(directory, "--control", control, "status", "--json")
-        if result.returncode == 0:
-            status = json.loads(result.stdout)
-            live = sum(item["sessions"] for item in status["listeners"])
-            if live == count and not status["draining"]:
-                return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"sessions never reached {count}: {result.stdout}{result.stderr}")
-        time.sleep(0.05)
+    waitForStatus(
+        directory,
+        lambda status: liveSessions(status) == count and not status["draining"],
+        f"{count} live sessions and nothing draining",
+        control,
+        timeout,
+    )
 
 
 def httpGet(

@@ -4,13 +4,22 @@ The handoff for real: ``twistd graceful`` processes on loopback under bounded lo
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 from pathlib import Path
 
-from tests.procs import TWISTD, Load, Processes, ctl, freePort, httpGet, waitForSessions
+from tests.procs import (
+    TWISTD,
+    Load,
+    Processes,
+    ctl,
+    freePort,
+    httpGet,
+    liveSessions,
+    waitForSessions,
+    waitForStatus,
+)
 
 
 def _portArgs(port: int) -> list[str]:
@@ -87,25 +96,13 @@ def test_statusReportsSessionsWhileDownloadsAreInFlight(procs: Processes, workdi
     load = Load(port, clients=0, downloaders=3, downloadSize=64 * 1024 * 1024, downloadDelay=0.01)
     load.start()
     try:
-        deadline = 50
-        while deadline:
-            status = json.loads(ctl(workdir, "--control", "c.sock", "status", "--json").stdout)
-            if status["listeners"][0]["sessions"] == 3:
-                break
-            deadline -= 1
-            subprocess.run(["sleep", "0.1"])
+        status = waitForStatus(workdir, lambda s: liveSessions(s) == 3, "3 downloads in flight")
         assert status["pid"] == first.pid
-        assert status["listeners"][0]["sessions"] == 3
         second = procs.server(["--takeover", "c.sock"], "gen2").start()
         second.waitFor(r"took over from pid %d" % first.pid)
-        deadline = 50
-        while deadline:
-            status = json.loads(ctl(workdir, "--control", "c.sock", "status", "--json").stdout)
-            if status["draining"]:
-                break
-            deadline -= 1
-            subprocess.run(["sleep", "0.1"])
-        assert status["pid"] == second.pid
+        status = waitForStatus(
+            workdir, lambda s: s["pid"] == second.pid and s["draining"], "generation 1 draining"
+        )
         assert status["generation"] == 2
         assert status["draining"] == [
             {"pid": first.pid, "generation": 1, "state": "draining", "sessions": 3}
@@ -136,7 +133,7 @@ def test_sigtermDrainsAndExitsZero(procs: Processes, workdir: Path) -> None:
     server.waitServing()
     load = Load(port, clients=0, downloaders=1, downloadSize=8 * 1024 * 1024, downloadDelay=0.005)
     load.start()
-    subprocess.run(["sleep", "0.5"])
+    waitForStatus(workdir, lambda s: liveSessions(s) == 1, "the download in flight")
     server.signal(signal.SIGTERM)
     assert server.wait(60) == 0
     result = load.stop()
