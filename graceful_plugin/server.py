@@ -136,7 +136,6 @@ class GracefulServer(service.Service):
         self._successor: ControlProtocol | None = None
         self._successorPid = 0
         self._predecessors: dict[ControlProtocol, _Predecessor] = {}
-        self._predecessorLink: ControlProtocol | None = None
         self._reportCall: Any = None
         self._draining = False
         self._terminated: Deferred[None] = Deferred()
@@ -595,7 +594,6 @@ class GracefulServer(service.Service):
         """
         Keep the connection to the predecessor we took over from, to hear its session counts.
         """
-        self._predecessorLink = protocol
         self._predecessors[protocol] = _Predecessor()
 
     # -- IControlHandler --------------------------------------------------------------------

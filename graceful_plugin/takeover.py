@@ -190,12 +190,11 @@ async def takeOver(server: GracefulServer) -> None:
         adoptedAt = time.monotonic()
         await _timed(maybeReady(server._ready), deadline, reactor)
         readyAt = time.monotonic()
-        commitSent = time.monotonic()
         answer = await _timed(link.callRemote(Commit, dropped=dropped), deadline, reactor)
         committedAt = time.monotonic()
-        if committedAt - commitSent > answer["confirmWithin"] / 2:
+        if committedAt - readyAt > answer["confirmWithin"] / 2:
             raise TakeoverFailed(
-                f"the commit answer came {committedAt - commitSent:.1f} s late; the predecessor"
+                f"the commit answer came {committedAt - readyAt:.1f} s late; the predecessor"
                 " may already have resumed"
             )
     except BaseException as e:
