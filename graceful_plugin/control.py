@@ -20,8 +20,12 @@ from zope.interface import Interface, implementer
 #: Bumped whenever a command changes incompatibly; checked in L{Hello}.
 PROTOCOL_VERSION = 1
 
-#: Listener entries per L{TakeOver} answer: one AMP value holds at most 64 KiB.
+#: Listener entries per L{TakeOver} answer, at most; a batch also stays within one AMP value
+#: (L{takeoverBatch}).
 TAKEOVER_BATCH = 50
+
+#: The digits a descriptor's ordinal may take in an answer (an AMP integer), counted generously.
+_DESCRIPTOR_DIGITS = 20
 
 #: The listener kind that marks the control socket itself in a L{TakeOver} answer.
 CONTROL_KIND = "control"
@@ -89,6 +93,52 @@ class TakeOver(amp.Command):
         (b"next", amp.Integer()),
     ]
     errors = {NoHandoff: b"NO_HANDOFF"}
+
+
+def takeoverEntrySize(entry: dict[str, Any]) -> int:
+    """
+    The bytes one listener entry takes in a L{TakeOver} answer's C{listeners} value: an AMP box
+    of length-prefixed keys and values (the descriptor as its ordinal), then a 2-byte end.
+    """
+    size = 2
+    for key, value in entry.items():
+        if value is None:
+            continue
+        if key == "fd":
+            length = _DESCRIPTOR_DIGITS
+        elif isinstance(value, str):
+            length = len(value.encode("utf-8"))
+        else:
+            length = len(str(value).encode())
+        size += 2 + len(key.encode()) + 2 + length
+    return size
+
+
+def takeoverBatch(
+    entries: list[dict[str, Any]],
+    limit: int = amp.MAX_VALUE_LENGTH,
+    count: int = TAKEOVER_BATCH,
+) -> list[dict[str, Any]]:
+    """
+    The first entries of C{entries} that fit in one L{TakeOver} answer: at most C{count}, and
+    at most C{limit} encoded bytes (one AMP value), however long their paths and specs are.
+
+    @raise ValueError: with a sentence, when the first entry alone is larger than one value.
+    """
+    batch: list[dict[str, Any]] = []
+    used = 0
+    for entry in entries[:count]:
+        size = takeoverEntrySize(entry)
+        if used + size > limit:
+            break
+        batch.append(entry)
+        used += size
+    if entries and not batch:
+        raise ValueError(
+            f"listener {entries[0].get('name')!r} takes {takeoverEntrySize(entries[0])} bytes"
+            f" to describe, more than one control message holds ({limit})"
+        )
+    return batch
 
 
 class Commit(amp.Command):

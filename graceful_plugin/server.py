@@ -654,10 +654,9 @@ class GracefulServer(service.Service):
     def takeOver(self, protocol: ControlProtocol, start: int) -> dict[str, Any]:
         self._requireSuccessor(protocol)
         ports = self._allPorts()
-        batch = ports[start : start + TAKEOVER_BATCH]
-        nextStart = start + len(batch)
-        return {
-            "listeners": [
+        # Sized by encoded bytes (one AMP value), whatever the lengths of paths and specs.
+        batch = control.takeoverBatch(
+            [
                 {
                     "name": port.name,
                     "kind": port.kind,
@@ -665,10 +664,11 @@ class GracefulServer(service.Service):
                     "fd": port.fileno(),
                     "spec": _specText(port),
                 }
-                for port in batch
-            ],
-            "next": nextStart if nextStart < len(ports) else -1,
-        }
+                for port in ports[start : start + TAKEOVER_BATCH]
+            ]
+        )
+        nextStart = start + len(batch)
+        return {"listeners": batch, "next": nextStart if nextStart < len(ports) else -1}
 
     def commit(self, protocol: ControlProtocol, dropped: list[str] | None = None) -> dict[str, Any]:
         machine = self._requireSuccessor(protocol)
