@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.logger import Logger
@@ -189,11 +189,23 @@ class ActivationPlan:
     @ivar adopt: (listener name, activated socket) pairs to adopt.
     @ivar bind: the C{--port} listeners no activated socket matched: bind them ourselves.
     @ivar unused: activated sockets nobody wants (closed, with a warning).
+    @ivar specs: the C{--port} listener each adopted socket serves, by listener name (an
+        ``ssl`` one is served through its TLS context, and handed on as ``ssl``).
     """
 
     adopt: list[tuple[str, ActivatedSocket]]
     bind: list[ListenerSpec]
     unused: list[ActivatedSocket]
+    specs: dict[str, ListenerSpec] = field(default_factory=dict)
+
+
+#: The kinds of activated socket each C{--port} kind can serve.
+_SERVES = {
+    "tcp": ("tcp", "tcp6"),
+    "tcp6": ("tcp", "tcp6"),
+    "ssl": ("tcp", "tcp6"),
+    "unix": ("unix",),
+}
 
 
 def planActivation(
@@ -201,8 +213,12 @@ def planActivation(
 ) -> ActivationPlan:
     """
     Match the sockets systemd passed with the C{--port} listeners: by name (the socket unit's
-    C{FileDescriptorName=} is the C{--port} name), else by address.  Without any C{--port},
-    every stream socket is taken as it comes, under its own name.
+    C{FileDescriptorName=} is the C{--port} name), else by address (an ``ssl`` listener by the
+    address of a TCP socket).  Without any C{--port}, every stream socket is taken as it comes,
+    under its own name.
+
+    @raise ValueError: with a sentence, when the socket of a listener's name is of a kind that
+        listener cannot serve (a Unix socket named like an ``ssl`` listener, say).
     """
     usable = [a for a in activated if a.kind in STREAM_KINDS]
     unused = [a for a in activated if a.kind not in STREAM_KINDS]
@@ -210,18 +226,24 @@ def planActivation(
         return ActivationPlan(adopt=[(a.name, a) for a in usable], bind=[], unused=unused)
     adopt: list[tuple[str, ActivatedSocket]] = []
     bind: list[ListenerSpec] = []
+    served: dict[str, ListenerSpec] = {}
     for spec in specs:
+        kinds = _SERVES.get(spec.kind, ())
         match = next((a for a in usable if a.name == spec.name), None)
-        if match is None:
-            match = next(
-                (a for a in usable if a.kind == spec.kind and a.address == spec.address), None
+        if match is not None and match.kind not in kinds:
+            raise ValueError(
+                f"--port {spec.name} is {spec.kind}, but the socket systemd passed under that"
+                f" name is {match.kind} ({match.address or 'unbound'})"
             )
+        if match is None:
+            match = next((a for a in usable if a.kind in kinds and a.address == spec.address), None)
         if match is None:
             bind.append(spec)
             continue
         usable.remove(match)
         adopt.append((spec.name, match))
-    return ActivationPlan(adopt=adopt, bind=bind, unused=unused + usable)
+        served[spec.name] = spec
+    return ActivationPlan(adopt=adopt, bind=bind, unused=unused + usable, specs=served)
 
 
 def activatedSockets() -> list[ActivatedSocket]:

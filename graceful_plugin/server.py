@@ -209,8 +209,16 @@ class GracefulServer(service.Service):
                 for name, sock in plan.adopt:
                     # systemd passes blocking sockets: the reactor's accept loop would hang.
                     os.set_blocking(sock.fd, False)
+                    # Through the --port it matched: an ssl listener serves TLS.
                     ports.append(
-                        adoptListener(self.reactor, sock.fd, sock.kind, self.factory, name=name)
+                        adoptListener(
+                            self.reactor,
+                            sock.fd,
+                            sock.kind,
+                            self.factory,
+                            name=name,
+                            spec=plan.specs.get(name),
+                        )
                     )
                     self.log.info(
                         "socket activation: adopted {name} ({address}) from fd {fd}",

@@ -214,6 +214,7 @@ class Options(usage.Options):
             self._loadApplication()
             return
         self["activated"] = _activatedSockets()
+        _checkActivation(ports, self["activated"])
         if not ports and not self["activated"]:
             raise usage.UsageError(
                 "name at least one listener with --port (for example --port 8080), "
@@ -238,6 +239,20 @@ def _activatedSockets() -> list[Any]:
         return activatedSockets()
     except ValueError as e:
         raise usage.UsageError(f"socket activation: {e}") from None
+
+
+def _checkActivation(ports: list[ListenerSpec], activated: list[Any]) -> None:
+    """
+    Refuse, with a sentence, a socket systemd passed under a listener's name that the listener
+    cannot serve.
+    """
+    from graceful_plugin.lifecycle import planActivation
+
+    if ports and activated:
+        try:
+            planActivation(ports, activated)
+        except ValueError as e:
+            raise usage.UsageError(f"socket activation: {e}") from None
 
 
 def _checkControlSocket(path: str) -> None:
