@@ -49,6 +49,10 @@ def _positiveCount(name: str) -> Any:
     return coerce
 
 
+#: What a usage error prints before its sentence (instead of the whole --help).
+USAGE_HINT = "(twistd graceful --help lists every option)"
+
+
 class Options(usage.Options):
     """
     Options of ``twistd graceful``.
@@ -108,6 +112,24 @@ class Options(usage.Options):
 
     # usage.Options prints a docstring's indentation as it is: one line reads better in --help.
     opt_restart_command.__doc__ = " ".join((opt_restart_command.__doc__ or "").split())
+
+    #: Set once parsing failed: twistd then prints our usage before the error's sentence.
+    _failed = False
+
+    def parseOptions(self, options: Any = None) -> None:
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            self._failed = True
+            # usage.Options puts this before the sentence our coercers give.
+            message = str(e).removeprefix("Parameter type enforcement failed: ")
+            raise usage.UsageError(message) from None
+
+    def getUsage(self, width: int | None = None) -> str:
+        if self._failed:
+            # twistd prints this, then the error's sentence: a hint, not 38 lines of --help.
+            return USAGE_HINT
+        return str(super().getUsage(width))
 
     def __init__(self) -> None:
         super().__init__()
