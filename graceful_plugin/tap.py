@@ -15,6 +15,7 @@ from twisted.python import usage
 from graceful_plugin import pidfile
 from graceful_plugin.lifecycle import SystemdNotifications
 from graceful_plugin.listeners import ListenerSpec, parseListener
+from graceful_plugin.logfile import SharedLogService
 from graceful_plugin.restart import restartCommand
 from graceful_plugin.server import GracefulServer, Settings
 from graceful_plugin.systemd import Notifier
@@ -342,6 +343,7 @@ def makeService(options: Options) -> service.IService:
     server.twistdConfig = getattr(options, "parent", None)
     holder["server"] = server
     server.observers.append(SystemdNotifications(Notifier.fromEnvironment(), server.reactor))
-    top = service.MultiService()
+    # Every generation appends to the one log file twistd names (graceful_plugin.logfile).
+    top = SharedLogService(server.twistdConfig)
     server.setServiceParent(top)
     return top

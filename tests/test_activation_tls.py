@@ -6,8 +6,10 @@ refused with a sentence.
 
 from __future__ import annotations
 
+import shutil
 import socket
 import ssl
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,15 @@ from tests.operate import becomeSubreaper, track, waitForPid
 from tests.procs import TWISTD, Processes, ctl, freePort
 from tests.test_listener_kinds import makeCertificate
 from tests.test_systemd_integration import Command, _socketActivate
+
+
+def _tempDir(case: SynchronousTestCase) -> Path:
+    """
+    A new temporary directory, removed when the test ends.
+    """
+    directory = Path(tempfile.mkdtemp(prefix="gr-"))
+    case.addCleanup(shutil.rmtree, directory, True)
+    return directory
 
 
 def _activated(name: str, kind: str, address: str, fd: int) -> ActivatedSocket:
@@ -42,8 +53,7 @@ class PlanTests(SynchronousTestCase):
         An ssl C{--port} takes the TCP socket of its name, or the one at its address, and the
         plan names the spec each adopted socket serves (the ssl one with its TLS context).
         """
-        directory = Path(self.mktemp())
-        directory.mkdir()
+        directory = _tempDir(self)
         named = _tlsSpec(directory, "web=ssl:8443:interface=127.0.0.1")
         other = _tlsSpec(directory, "api=ssl:9443:interface=127.0.0.1")
         web = _activated("web", "tcp", "0.0.0.0:443", 3)
@@ -58,8 +68,7 @@ class PlanTests(SynchronousTestCase):
         A Unix socket passed under an ssl listener's name is refused with a sentence naming
         both, instead of being served without TLS.
         """
-        directory = Path(self.mktemp())
-        directory.mkdir()
+        directory = _tempDir(self)
         spec = _tlsSpec(directory, "web=ssl:8443")
         with self.assertRaises(ValueError) as raised:
             planActivation([spec], [_activated("web", "unix", "/run/web.sock", 3)])

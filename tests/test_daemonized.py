@@ -5,6 +5,7 @@ Daemonized servers (twistd without ``-n``), started from different working direc
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -160,3 +161,62 @@ def test_daemonizedTakeoverFromAnotherDirectory(workdir: Path, daemons: list[int
     _waitUntil(lambda: _gone(secondPid), "the successor to stop")
     _waitUntil(lambda: not (workdir / "c.sock").exists(), "the control socket to go")
     assert not pidPath.exists()
+
+
+_STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[")
+
+
+def test_generationsShareOneLogFileIntact(workdir: Path, daemons: list[int]) -> None:
+    """
+    A daemon with --logfile restarted three times by ``graceful-ctl restart`` (each successor a
+    daemon writing the same file) leaves one log file holding every generation's start and exit
+    lines, every line whole: one timestamp per line, each at its start.
+    """
+    port = freePort()
+    pidPath = workdir / "app.pid"
+    first = _twistd(
+        workdir,
+        "--pidfile",
+        "app.pid",
+        "--logfile",
+        "app.log",
+        "graceful",
+        "--port",
+        f"tcp:{port}:interface=127.0.0.1",
+        "--control",
+        "c.sock",
+    )
+    assert first.returncode == 0, first.stdout + first.stderr
+    _waitUntil(lambda: pidfile.read(str(pidPath)) is not None, "the first daemon's pidfile")
+    pids = [pidfile.read(str(pidPath))]
+    assert pids[0] is not None
+    daemons.append(pids[0])
+    for generation in (2, 3, 4):
+        restarted = ctl(workdir, "--control", "c.sock", "restart", timeout=60)
+        assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+        _waitUntil(
+            lambda: pidfile.read(str(pidPath)) not in (None, *pids), "the successor's pidfile"
+        )
+        pid = pidfile.read(str(pidPath))
+        assert pid is not None
+        daemons.append(pid)
+        pids.append(pid)
+        _waitUntil(lambda: _gone(pids[-2]), "the old daemon to exit")
+        status, body = httpGet("127.0.0.1", port, "/")
+        assert f"pid {pid}, generation {generation}".encode() in body
+    stopped = ctl(workdir, "--control", "c.sock", "stop")
+    assert stopped.returncode == 0, stopped.stderr
+    _waitUntil(lambda: _gone(pids[-1]), "the last generation to stop")
+
+    assert sorted(p.name for p in workdir.glob("app.log*")) == ["app.log"]
+    text = (workdir / "app.log").read_text()
+    lines = text.splitlines()
+    spliced = [line for line in lines if len(_STAMP.findall(line)) != 1 or not _STAMP.match(line)]
+    assert spliced == [], spliced
+    for generation, pid in enumerate(pids, start=1):
+        assert f"generation {generation} (pid {pid}) serving on" in text
+        assert f"generation {generation} (pid {pid}) drained; exiting" in text
+        if generation > 1:
+            assert f"took over from pid {pids[generation - 2]} as generation {generation}" in text
+    assert text.count("starting up.") == 4
+    assert text.count("Server Shut Down.") == 4
