@@ -27,6 +27,31 @@ class IDrainable(Interface):
         """
 
 
+class IInFlight(Interface):
+    """
+    A protocol that can say what work it has in progress, for the log when the drain deadline
+    cuts its connection (an HTTP channel names each request it is still answering).
+    """
+
+    def inFlight() -> list[dict[str, Any]]:
+        """
+        The work in progress: one dict per request, with C{method}, C{path}, C{sent} (bytes of
+        the response body written to the connection so far) and C{receiving} (whether its
+        request body was still arriving).
+        """
+
+
+def _inFlightOf(protocol: Any) -> IInFlight | None:
+    seen = 0
+    while protocol is not None and seen < 8:
+        found = IInFlight(protocol, None)
+        if found is not None:
+            return found
+        protocol = getattr(protocol, "wrappedProtocol", None)
+        seen += 1
+    return None
+
+
 def drainableOf(protocol: Any) -> IDrainable | None:
     """
     The L{IDrainable} behind C{protocol}, looking through wrapping protocols (TLS, policies).
@@ -110,5 +135,53 @@ class SessionTracker:
         """
         live = list(self._live)
         for transport in live:
+            self._logCut(transport)
             transport.abortConnection()
         return len(live)
+
+    def _logCut(self, transport: Any) -> None:
+        """
+        Log each request the connection on C{transport} was still answering.
+        """
+        inFlight = _inFlightOf(getattr(transport, "protocol", None))
+        if inFlight is None:
+            return
+        try:
+            requests = inFlight.inFlight()
+        except Exception:
+            self.log.failure(
+                "listing the requests in flight on {peer} failed", peer=_peer(transport)
+            )
+            return
+        for request in requests:
+            if request.get("receiving"):
+                self.log.warn(
+                    "drain deadline: cut {method} {path} from {peer} while its request body"
+                    " was arriving",
+                    peer=_peer(transport),
+                    **request,
+                )
+            else:
+                self.log.warn(
+                    "drain deadline: cut {method} {path} from {peer} after {sent} bytes of"
+                    " its response",
+                    peer=_peer(transport),
+                    **request,
+                )
+
+
+def _peer(transport: Any) -> str:
+    """
+    The peer of a connection, as people read it.
+    """
+    try:
+        peer = transport.getPeer()
+    except Exception:
+        return "?"
+    host = getattr(peer, "host", None)
+    if host is not None:
+        return f"[{host}]:{peer.port}" if ":" in host else f"{host}:{peer.port}"
+    name = getattr(peer, "name", None)
+    if isinstance(name, bytes):
+        name = name.decode(errors="replace")
+    return f"unix:{name}" if name else "unix peer"

@@ -14,10 +14,10 @@ from twisted.python.failure import Failure
 from twisted.web import http, pages, resource, server
 from zope.interface import implementer
 
-from graceful_plugin.sessions import IDrainable
+from graceful_plugin.sessions import IDrainable, IInFlight
 
 
-@implementer(IDrainable)
+@implementer(IDrainable, IInFlight)
 class DrainableHTTPChannel(http.HTTPChannel):
     """
     An HTTP/1.x channel that, once its generation drains, answers with ``Connection: close`` and
@@ -80,6 +80,31 @@ class DrainableHTTPChannel(http.HTTPChannel):
             request.responseHeaders.setRawHeaders(b"connection", [b"close"])
             return False
         return bool(super().checkPersistence(request, version))
+
+    def inFlight(self) -> list[dict[str, Any]]:
+        """
+        The requests not answered in full yet (L{IInFlight}): for the log, when the drain
+        deadline cuts this connection.
+        """
+        found = []
+        for request in self.requests:
+            if request.finished:
+                continue
+            receiving = not request.startedWriting and request.uri == b"(no uri yet)"
+            method, path = (
+                (getattr(self, "_command", b"?"), getattr(self, "_path", b"?"))
+                if receiving
+                else (request.method, request.uri)
+            )
+            found.append(
+                {
+                    "method": method.decode("latin-1"),
+                    "path": path.decode("latin-1"),
+                    "sent": request.sentLength,
+                    "receiving": receiving,
+                }
+            )
+        return found
 
 
 def drainableSite(root: resource.IResource, **kwargs: Any) -> server.Site:
