@@ -135,3 +135,26 @@ def test_handoff_measures_phases_scale_and_drain(tmp_path):
         assert row["sessions_at_drain"] == row["connections"]
         assert row["commit_to_exit_ms"] > 900  # idle connections wait out their 1 s grace
         assert row["rss_after_kib"] >= row["rss_before_kib"] > 0
+
+
+def test_article_experiment_counts_what_the_article_saw(tmp_path):
+    """article.py, small: a plain restart cuts downloads in flight (EOF mid-body) and refuses the
+    clients that arrive while no server runs; a graceful one fails no download."""
+    _require_graceful()
+    out = tmp_path / "article.json"
+    argv = [sys.executable, str(BENCHMARKS / "article.py"), "--clients", "8"]
+    # Downloads much larger than the socket buffers (a few MiB on loopback), which a client
+    # still reads after the plain server has gone.
+    argv += ["--size", str(24 << 20), "--rate", str(16 << 20), "--spread", "1.5"]
+    argv += ["--restart-at", "0.9", "--down-time", "0.5", "--hard-timeout", "80"]
+    argv += ["--json", str(out)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=90, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    plain, graceful = json.loads(out.read_text())["runs"]
+    assert (plain["mode"], graceful["mode"]) == ("plain", "graceful")
+    assert plain["by_outcome"]["eof"] + plain["by_outcome"]["reset"] > 0, plain["by_outcome"]
+    assert plain["by_outcome"]["refused"] > 0, plain["by_outcome"]
+    assert graceful["failed"] == 0, graceful["by_outcome"]
+    assert graceful["by_outcome"]["ok"] == 8
+    assert "failed" not in graceful["restart"]
+    assert "target (graceful): no failed download: PASS" in done.stdout
