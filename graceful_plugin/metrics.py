@@ -121,19 +121,21 @@ class GenerationCollector:
         yield connections
         sessions = GaugeMetricFamily(
             "graceful_sessions",
-            "Open connections, by generation and listener, draining generations included.",
-            labels=["generation", "listener"],
+            "Open connections, by generation, listener and the generation's state, draining"
+            " generations included.",
+            labels=["generation", "listener", "state"],
         )
         for port in g.ports:
-            sessions.add_metric([str(g.generation), port.name], port.sessions.count)
-        draining = g._drainingEntries()
-        for entry in draining:
+            sessions.add_metric([str(g.generation), port.name, state], port.sessions.count)
+        for entry in g._drainingEntries():
+            labels = [str(entry["generation"]), ALL_LISTENERS, entry["state"]]
             byListener = entry.get("listeners")
             if byListener is None:
-                sessions.add_metric([str(entry["generation"]), ALL_LISTENERS], entry["sessions"])
+                sessions.add_metric(labels, entry["sessions"])
                 continue
             for item in byListener:
-                sessions.add_metric([str(entry["generation"]), item["name"]], item["sessions"])
+                labels[1] = item["name"]
+                sessions.add_metric(labels, item["sessions"])
         yield sessions
         yield GaugeMetricFamily(
             "graceful_draining_generations",

@@ -199,13 +199,31 @@ class ExpositionTests(ControlTestCase):
         pump.flush()
         samples = self.scrape()
         self.assertEqual(
-            samples[("graceful_sessions", (("generation", "1"), ("listener", "web")))], 1
+            samples[
+                (
+                    "graceful_sessions",
+                    (("generation", "1"), ("listener", "web"), ("state", "serving")),
+                )
+            ],
+            1,
         )
         self.assertEqual(
-            samples[("graceful_sessions", (("generation", "3"), ("listener", "web")))], 2
+            samples[
+                (
+                    "graceful_sessions",
+                    (("generation", "3"), ("listener", "web"), ("state", "draining")),
+                )
+            ],
+            2,
         )
         self.assertEqual(
-            samples[("graceful_sessions", (("generation", "2"), ("listener", "*")))], 5
+            samples[
+                (
+                    "graceful_sessions",
+                    (("generation", "2"), ("listener", "*"), ("state", "draining")),
+                )
+            ],
+            5,
         )
         self.assertEqual(samples[("graceful_connections_total", (("listener", "web"),))], 1)
         self.assertEqual(samples[("graceful_draining_generations", ())], 2)

@@ -90,7 +90,7 @@ def test_figuresAfterKnownTraffic(procs: Processes, workdir: Path) -> None:
         assert httpGet("127.0.0.1", port, "/")[0] == 200
     samples = scrape(metrics)
     assert value(samples, "graceful_connections_total", listener="web") == 5
-    assert value(samples, "graceful_sessions", generation="1", listener="web") == 0
+    assert value(samples, "graceful_sessions", generation="1", listener="web", state="serving") == 0
     assert value(samples, "graceful_generation") == 1
     assert value(samples, "graceful_state", state="serving") == 1
     assert value(samples, "graceful_state", state="draining") == 0
@@ -256,7 +256,10 @@ def test_generationDrainingBehindAMiddleOneStaysInView(procs: Processes, workdir
         assert status["drainingGenerations"] == 1
         assert first.process is not None and first.process.poll() is None
         samples = scrape(metrics)
-        assert value(samples, "graceful_sessions", generation="1", listener="web") == 1
+        assert (
+            value(samples, "graceful_sessions", generation="1", listener="web", state="draining")
+            == 1
+        )
         assert value(samples, "graceful_draining_generations") == 1
         watched = ctl(workdir, "--control", "c.sock", "watch", "--timeout", "0.5")
         assert watched.returncode == 1, watched.stdout + watched.stderr
