@@ -209,3 +209,58 @@ class ServerViewTests(ControlTestCase):
         self.assertEqual(reports[-1][0]["state"], "terminated")
         self.assertGreaterEqual(reports[-1][0]["since"], 0.0)
         self.assertEqual(reports[-1][0]["sessions"], 0)
+
+
+class _Reporter:
+    """
+    A draining generation as L{Upstream} sees it.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.reporting = True
+        self.links: list[Any] = []
+
+    def stillReporting(self) -> bool:
+        return self.reporting
+
+    def reportTo(self, link: Any) -> None:
+        self.links.append(link)
+
+
+def test_upstreamRetriesUntilItConnects() -> None:
+    """
+    L{Upstream} connects to the control path at once when its link is lost, tries again every
+    interval while the connection fails (logging once), reports on the connection it gets, and
+    stops trying when its generation no longer reports.
+    """
+    from twisted.internet.error import ConnectionRefusedError
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.python.failure import Failure
+
+    from graceful_plugin.control import ClientHandler, ControlProtocol
+    from graceful_plugin.draining import Upstream
+
+    reactor = MemoryReactorClock()
+    reporter = _Reporter(reactor)
+    upstream = Upstream(reporter, lambda: ControlProtocol(ClientHandler()), "/tmp/c.sock", 1.0)
+    upstream.lost()
+    reactor.advance(0)
+    assert [c[0] for c in reactor.unixClients] == ["/tmp/c.sock"]
+    factory = reactor.unixClients[0][1]
+    factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+    reactor.advance(0.5)
+    assert len(reactor.unixClients) == 1
+    reactor.advance(0.5)
+    assert len(reactor.unixClients) == 2
+    factory = reactor.unixClients[1][1]
+    protocol = factory.buildProtocol(None)
+    from twisted.internet.testing import StringTransport
+
+    protocol.makeConnection(StringTransport())
+    assert reporter.links == [protocol._wrappedProtocol]
+    assert isinstance(reporter.links[0], ControlProtocol)
+    reporter.reporting = False
+    upstream.lost()
+    reactor.advance(5)
+    assert len(reactor.unixClients) == 2

@@ -230,3 +230,37 @@ class ExpositionTests(ControlTestCase):
         self.assertEqual(samples[("graceful_state", (("state", "serving"),))], 1)
         self.assertEqual(samples[("graceful_handoff_seconds_count", ())], 0)
         self.assertIn(("process_cpu_seconds_total", ()), samples)
+
+
+def test_metricsWithoutPrometheusClient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    --metrics without prometheus_client installed is a usage error of one sentence saying what
+    to install.
+    """
+    import sys
+
+    from twisted.python import usage
+
+    from graceful_plugin.tap import Options
+
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)
+    options = Options()
+    with pytest.raises(usage.UsageError) as raised:
+        options.parseOptions(["--port", "8080", "--metrics", "tcp:9100"])
+    assert str(raised.value) == (
+        "--metrics needs prometheus_client, which is not installed"
+        " (pip install 'graceful[metrics]')"
+    )
+
+
+def test_metricsNameClash() -> None:
+    """
+    A --metrics listener may not share its name with a --port listener.
+    """
+    from twisted.python import usage
+
+    from graceful_plugin.tap import Options
+
+    pytest.importorskip("prometheus_client")
+    with pytest.raises(usage.UsageError, match="also a --port's"):
+        Options().parseOptions(["--port", "metrics=tcp:8080", "--metrics", "tcp:9100"])

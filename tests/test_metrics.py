@@ -353,3 +353,25 @@ def test_successorOfAnOlderPredecessorCountsFromZero(procs: Processes, workdir: 
     assert value(samples, "graceful_handoffs_total", outcome="committed") == 1
     assert value(samples, "graceful_generation") == 8
     assert successor.text().count("hands over no counters") == 1
+
+
+def test_successorWithItsOwnMetricsMovesThem(procs: Processes, workdir: Path) -> None:
+    """
+    A successor with --metrics at another address serves the metrics there, counters
+    continued, and the predecessor closes the old metrics listener for good once it drains.
+    """
+    port, before, after = freePort(), freePort(), freePort()
+    first = procs.server(_args(port, before), "gen1").start()
+    first.waitServing()
+    for _ in range(4):
+        assert httpGet("127.0.0.1", port, "/")[0] == 200
+    second = procs.server(
+        ["--takeover", "c.sock", "--metrics", f"tcp:{after}:interface=127.0.0.1"], "gen2"
+    ).start()
+    second.waitFor(r"took over from pid %d as generation 2" % first.pid)
+    assert first.wait(30) == 0
+    samples = scrape(after)
+    assert value(samples, "graceful_connections_total", listener="web") == 4
+    assert value(samples, "graceful_generation") == 2
+    with pytest.raises(OSError):
+        scrape(before, timeout=2)
