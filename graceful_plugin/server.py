@@ -538,10 +538,10 @@ class GracefulServer(service.Service):
         link = self._successor
         if link is not None and not getattr(link.transport, "disconnecting", True):
             # A last word (the machine is in the middle of this transition: name the state),
-            # so that the serving generation knows how long we drained.
-            link.callRemote(
-                control.ReportSessions, generations=[self._ownEntry(state="terminated")]
-            )
+            # so that the serving generation knows how long we drained, and of the generations
+            # still draining behind us (it remembers them once our link has gone).
+            entries = [self._ownEntry(state="terminated")] + self._drainingEntries()
+            link.callRemote(control.ReportSessions, generations=entries)
         # Ports finish closing (and a last generation unlinks its paths) a moment later.
         closed = DeferredList([d for d in self._closing if d is not None])
         closed.addBoth(lambda _: self._terminated.callback(None))

@@ -177,8 +177,13 @@ class ServerViewTests(ControlTestCase):
     def test_lastReportSaysTerminatedAndHowLong(self) -> None:
         """
         A draining generation whose last session ends tells its successor one last time, in
-        state terminated, with how long it drained.
+        state terminated, with how long it drained and the generations still draining behind
+        it.
         """
+        older = object()
+        self.server.draining.alive = lambda pid: True
+        self.server.adoptPredecessorLink(older)  # type: ignore[arg-type]
+        self.server.reportSessions(older, [entry(5, 0, 1)])  # type: ignore[arg-type]
         reports: list[list[dict[str, Any]]] = []
 
         session = object()
@@ -209,6 +214,7 @@ class ServerViewTests(ControlTestCase):
         self.assertEqual(reports[-1][0]["state"], "terminated")
         self.assertGreaterEqual(reports[-1][0]["since"], 0.0)
         self.assertEqual(reports[-1][0]["sessions"], 0)
+        self.assertEqual([e["pid"] for e in reports[-1][1:]], [5])
 
 
 class _Reporter:
