@@ -27,7 +27,8 @@ a test run hundreds of real takeovers without paying for Python's start-up each 
 A fake predecessor listening at LISTEN_PATH: KIND ``version`` answers Hello with a VERSION error;
 ``pipe`` and ``udp`` hand over a pipe or a UDP socket as if it were a TCP listener; ``old:PORT``
 is a predecessor of an older version that knows no Counters command: it hands over a web
-listener on 127.0.0.1:PORT and a control socket, and lets the takeover complete.
+listener on 127.0.0.1:PORT and a control socket, and lets the takeover complete; ``noconfirm:PORT``
+does the same but never answers Accepting.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ from graceful_plugin.control import (
 
 STEPS = ("connected", "hello", "fds", "adopted", "commit")
 REAL_POINTS = ("ready", "committed", "accepting")
-PREDECESSORS = ("version", "pipe", "udp", "old")
+PREDECESSORS = ("version", "pipe", "udp", "old", "noconfirm")
 
 
 def reached(step: str, detail: str = "") -> None:
@@ -219,7 +220,7 @@ class _FakePredecessor(amp.AMP):
 
     @TakeOver.responder
     def takeOver(self, start: int) -> dict[str, Any]:
-        if self.kind.startswith("old:"):
+        if self.kind.startswith(("old:", "noconfirm:")):
             web = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             web.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             web.bind(("127.0.0.1", int(self.kind.partition(":")[2])))
@@ -261,8 +262,10 @@ class _FakePredecessor(amp.AMP):
         return {"confirmWithin": 10.0}
 
     @control.Accepting.responder
-    def accepting(self) -> dict[str, Any]:
+    def accepting(self) -> Any:
         print("successor accepting", flush=True)
+        if self.kind.startswith("noconfirm:"):
+            return defer.Deferred()
         return {}
 
     @control.Abort.responder

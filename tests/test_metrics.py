@@ -375,3 +375,26 @@ def test_successorWithItsOwnMetricsMovesThem(procs: Processes, workdir: Path) ->
     assert value(samples, "graceful_generation") == 2
     with pytest.raises(OSError):
         scrape(before, timeout=2)
+
+
+def test_noScrapeAnsweredBeforeThePredecessorConfirms(procs: Processes, workdir: Path) -> None:
+    """
+    A successor whose predecessor has not confirmed the handoff yet serves the application but
+    answers no scrape (the scrape waits in the queue), so that a scraper never sees the figures
+    of a successor that may still be rolled back; once the predecessor is gone, it answers.
+    """
+    port, metrics = freePort(), freePort()
+    slow = procs.fakeSuccessor("old.sock", f"predecessor:noconfirm:{port}")
+    slow.waitFor(r"reached listening")
+    successor = procs.server(
+        ["--takeover", "old.sock", "--metrics", f"tcp:{metrics}:interface=127.0.0.1"], "gen8"
+    ).start()
+    slow.waitFor(r"successor accepting")
+    assert httpGet("127.0.0.1", port, "/")[0] == 200
+    with pytest.raises(TimeoutError):
+        scrape(metrics, timeout=1)
+    slow.kill()
+    successor.waitFor(r"the predecessor \(pid %d\) exited at commit" % slow.pid)
+    samples = scrape(metrics)
+    assert value(samples, "graceful_generation") == 8
+    assert value(samples, "graceful_connections_total", listener="web") == 1
