@@ -398,3 +398,30 @@ def test_noScrapeAnsweredBeforeThePredecessorConfirms(procs: Processes, workdir:
     samples = scrape(metrics)
     assert value(samples, "graceful_generation") == 8
     assert value(samples, "graceful_connections_total", listener="web") == 1
+
+
+def test_successorWithoutPrometheusClientStepsBack(procs: Processes, workdir: Path) -> None:
+    """
+    A successor that cannot serve the metrics listener its predecessor hands over (no
+    prometheus_client) fails its takeover with one sentence, and the predecessor serves on,
+    metrics and all.
+    """
+    port, metrics = freePort(), freePort()
+    first = procs.server(_args(port, metrics), "gen1").start()
+    first.waitServing()
+    shadow = workdir / "shadow" / "prometheus_client"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('not installed here')\n")
+    successor = procs.server(["--takeover", "c.sock"], "gen2")
+    successor.start({"PYTHONPATH": str(shadow.parent)})
+    assert successor.wait(60) == 1
+    assert (
+        "failed: the predecessor serves metrics, but --metrics needs prometheus_client, which"
+        " is not installed" in successor.text()
+    )
+    assert "Traceback" not in successor.text()
+    first.waitFor(r"rolled back")
+    samples = scrape(metrics)
+    assert value(samples, "graceful_generation") == 1
+    assert value(samples, "graceful_handoffs_total", outcome="rolled_back") == 1
+    assert httpGet("127.0.0.1", port, "/")[0] == 200
