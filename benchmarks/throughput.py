@@ -54,8 +54,10 @@ METRICS_TARGET_RATIO = 0.98
 SERVERS = ("graceful", "metrics", "web")
 
 
-def start_servers(children: Children, args: argparse.Namespace) -> dict[str, int]:
-    """Start the graceful demo app and twistd web; return each one's port once it serves."""
+def start_servers(
+    children: Children, args: argparse.Namespace
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Start the servers; return each one's port once it serves, and each one's pid."""
     ports = {"graceful": free_port(), "metrics": free_port(), "web": free_port()}
     ports["scrape"] = free_port()
     tmp = children.tmp
@@ -91,7 +93,14 @@ def start_servers(children: Children, args: argparse.Namespace) -> dict[str, int
             raise ServerDied(f"{name} does not serve /bytes/{args.body} right: {dict(others)}")
     scrape = ports["scrape"]
     wait_until(lambda: accepts_connections(scrape), [procs["metrics"]], 30, "metrics", children)
-    return ports
+    return ports, {name: proc.pid for name, proc in procs.items()}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time a process has used so far, from /proc (Linux)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Scraper:
@@ -164,7 +173,7 @@ def run(args: argparse.Namespace) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="graceful-throughput-"))
     children = Children(tmp)
     try:
-        ports = start_servers(children, args)
+        ports, pids = start_servers(children, args)
 
         def load(name: str, seconds: int) -> dict:
             if args.client == "wrk":
@@ -172,12 +181,19 @@ def run(args: argparse.Namespace) -> dict:
             return measure_python(ports[name], seconds, args, tmp)
 
         def measure(name: str, seconds: int) -> dict:
+            # The server's CPU time per request does not depend on what else the machine runs
+            # as much as requests per second do.
+            before = cpu_seconds(pids[name])
             if name != "metrics":
-                return load(name, seconds)
-            with Scraper(ports["scrape"], args.scrape_interval) as scraper:
                 numbers = load(name, seconds)
-            numbers["scrapes"] = scraper.scrapes
-            numbers["errors"] += scraper.failures
+            else:
+                with Scraper(ports["scrape"], args.scrape_interval) as scraper:
+                    numbers = load(name, seconds)
+                numbers["scrapes"] = scraper.scrapes
+                numbers["errors"] += scraper.failures
+            requests = numbers["rps"] * seconds
+            used = cpu_seconds(pids[name]) - before
+            numbers["cpu_us_per_request"] = round(used / requests * 1e6, 1) if requests else 0.0
             return numbers
 
         order = list(SERVERS)
@@ -197,6 +213,7 @@ def run(args: argparse.Namespace) -> dict:
         name: {
             "rps_median": statistics.median(r["rps"] for r in runs),
             "rps": [r["rps"] for r in runs],
+            "cpu_us_per_request_median": statistics.median(r["cpu_us_per_request"] for r in runs),
             "errors": sum(r["errors"] for r in runs),
         }
         for name, runs in rounds.items()
@@ -208,6 +225,11 @@ def run(args: argparse.Namespace) -> dict:
         result["metrics"]["rps_median"] / result["graceful"]["rps_median"], 4
     )
     result["metrics_ratio_within_target"] = result["metrics_ratio"] >= METRICS_TARGET_RATIO
+    result["metrics_cpu_ratio"] = round(
+        result["metrics"]["cpu_us_per_request_median"]
+        / result["graceful"]["cpu_us_per_request_median"],
+        4,
+    )
     return result
 
 
@@ -277,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         each = " ".join(f"{rps:.0f}" for rps in numbers["rps"])
         scrapes = f"; scrapes: {numbers['scrapes']}" if name == "metrics" else ""
         print(
-            f"  {labels[name]:18} {numbers['rps_median']:9.1f} req/s median  (rounds: {each}; "
+            f"  {labels[name]:18} {numbers['rps_median']:9.1f} req/s median, "
+            f"{numbers['cpu_us_per_request_median']:6.1f} us CPU/request  (rounds: {each}; "
             f"errors: {numbers['errors']}{scrapes})"
         )
     verdict = "PASS" if result["ratio_within_target"] else "FAIL"
@@ -288,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"  ratio graceful --metrics / graceful: {result['metrics_ratio']:.1%}   target >= "
         f"{METRICS_TARGET_RATIO:.0%}  {verdict}"
+    )
+    print(
+        "  server CPU per request, graceful --metrics / graceful:"
+        f" {result['metrics_cpu_ratio']:.1%} (steadier than req/s on a busy machine)"
     )
     if args.json is not None:
         document = {"machine": machine(), "config": vars(args), "result": result}
