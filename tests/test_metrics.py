@@ -425,3 +425,23 @@ def test_successorWithoutPrometheusClientStepsBack(procs: Processes, workdir: Pa
     assert value(samples, "graceful_generation") == 1
     assert value(samples, "graceful_handoffs_total", outcome="rolled_back") == 1
     assert httpGet("127.0.0.1", port, "/")[0] == 200
+
+
+def test_successorWithPortsButNoMetricsKeepsThem(procs: Processes, workdir: Path) -> None:
+    """
+    A successor that names its --port listeners but no --metrics keeps the predecessor's
+    metrics listener (it is no application listener to drop), counters continued.
+    """
+    port, metrics = freePort(), freePort()
+    first = procs.server(_args(port, metrics), "gen1").start()
+    first.waitServing()
+    assert httpGet("127.0.0.1", port, "/")[0] == 200
+    second = procs.server(
+        ["--takeover", "c.sock", "--port", f"web=tcp:{port}:interface=127.0.0.1"], "gen2"
+    ).start()
+    second.waitFor(r"took over from pid %d as generation 2" % first.pid)
+    assert first.wait(30) == 0
+    assert "the successor dropped it" not in first.text()
+    samples = scrape(metrics)
+    assert value(samples, "graceful_generation") == 2
+    assert value(samples, "graceful_connections_total", listener="web") == 1
