@@ -12,7 +12,6 @@ metrics and the C{--max-draining} check) however they finish.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -244,8 +243,24 @@ class Upstream:
         self._pending = None
 
 
-def drainedFor(since: float | None) -> float | None:
+#: Bytes of sessions-by-listener detail one list of entries may carry (one AMP value holds at
+#: most 64 KiB, and the rest of each entry needs room too).
+LISTENER_DETAIL_BUDGET = 24 * 1024
+
+
+def fitEntries(entries: list[Entry], budget: int = LISTENER_DETAIL_BUDGET) -> list[Entry]:
     """
-    Seconds since C{since} (a C{time.monotonic()} reading), or L{None}.
+    C{entries} with their sessions by listener as long as the detail fits C{budget} bytes (about
+    as AMP encodes them); past it, entries keep their totals only.
     """
-    return None if since is None else time.monotonic() - since
+    fitted: list[Entry] = []
+    for entry in entries:
+        detail = entry.get("listeners")
+        if detail:
+            cost = sum(len(item["name"].encode()) + 40 for item in detail)
+            if cost > budget:
+                entry = {key: value for key, value in entry.items() if key != "listeners"}
+            else:
+                budget -= cost
+        fitted.append(entry)
+    return fitted

@@ -127,7 +127,7 @@ class GenerationCollector:
         )
         for port in g.ports:
             sessions.add_metric([str(g.generation), port.name, state], port.sessions.count)
-        for entry in g._drainingEntries():
+        for entry in g.draining.entries():
             labels = [str(entry["generation"]), ALL_LISTENERS, entry["state"]]
             byListener = entry.get("listeners")
             if byListener is None:

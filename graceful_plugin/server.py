@@ -35,7 +35,7 @@ from graceful_plugin.control import (
     RolledBack,
     VersionMismatch,
 )
-from graceful_plugin.draining import DrainingView, Upstream
+from graceful_plugin.draining import DrainingView, Upstream, fitEntries
 from graceful_plugin.figures import Figures
 from graceful_plugin.listeners import (
     AdoptedTCPPort,
@@ -603,7 +603,7 @@ class GracefulServer(service.Service):
         }
 
     def _drainingEntries(self) -> list[dict[str, Any]]:
-        return self.draining.entries()
+        return fitEntries(self.draining.entries())
 
     def drainingGenerations(self) -> int:
         """

@@ -270,3 +270,19 @@ def test_upstreamRetriesUntilItConnects() -> None:
     upstream.lost()
     reactor.advance(5)
     assert len(reactor.unixClients) == 2
+
+
+def test_listenerDetailFitsOneAMPValue() -> None:
+    """
+    Entries keep their sessions by listener while the detail fits the budget; past it they
+    keep their totals only, so that a report or a status of many generations with many
+    listeners still fits one AMP value.
+    """
+    from graceful_plugin.draining import fitEntries
+
+    detail = [{"name": f"listener-{i:03}", "sessions": 1} for i in range(50)]
+    entries = [{**entry(pid, pid, 50), "listeners": detail} for pid in range(1, 6)]
+    fitted = fitEntries(entries, budget=2 * sum(len(d["name"]) + 40 for d in detail))
+    assert [("listeners" in e) for e in fitted] == [True, True, False, False, False]
+    assert [e["sessions"] for e in fitted] == [50] * 5
+    assert "listeners" in entries[4]
