@@ -1,4 +1,5 @@
-"""Steady-state requests per second: graceful's demo app next to plain ``twistd web``.
+"""Steady-state requests per second: graceful's demo app next to plain ``twistd web``, and
+graceful with ``--metrics`` (scraped every ``--scrape-interval`` seconds) next to graceful without.
 
     python benchmarks/throughput.py --duration 5 --rounds 3 --json throughput.json
 
@@ -6,7 +7,8 @@ Both servers run at once on their own ports, and serve the same ``/bytes/N`` (``
 with ``bytes_resource.BytesRoot``); the load meets them in turn, alternating the order each round.
 Each request opens a new connection unless ``--keepalive``. The load generator is ``wrk`` when it
 is installed (one thread, leaving the other core to the server), else client processes of
-``loadtest.py``. Target: graceful serves at least 97% of the requests per second of twistd web.
+``loadtest.py``. Targets: graceful serves at least 97% of the requests per second of twistd web,
+and graceful with --metrics at least 98% of graceful without.
 """
 
 import argparse
@@ -19,7 +21,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +48,18 @@ from loadtest import (
 TARGET_RATIO = 0.97
 """Graceful's requests per second over twistd web's, at least."""
 
+METRICS_TARGET_RATIO = 0.98
+"""Graceful's requests per second with --metrics over without, at least."""
 
-def start_servers(children: Children, args: argparse.Namespace) -> dict[str, int]:
-    """Start the graceful demo app and twistd web; return each one's port once it serves."""
-    ports = {"graceful": free_port(), "web": free_port()}
+SERVERS = ("graceful", "metrics", "web")
+
+
+def start_servers(
+    children: Children, args: argparse.Namespace
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Start the servers; return each one's port once it serves, and each one's pid."""
+    ports = {"graceful": free_port(), "metrics": free_port(), "web": free_port()}
+    ports["scrape"] = free_port()
     tmp = children.tmp
     python_path = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
     procs = {
@@ -56,6 +68,13 @@ def start_servers(children: Children, args: argparse.Namespace) -> dict[str, int
             [args.twistd, "-n", "--pidfile", str(tmp / "graceful.pid"), "graceful"]
             + ["--port", f"tcp:{ports['graceful']}:interface={HOST}"]
             + ["--control", str(tmp / "control.sock")],
+        ),
+        "metrics": children.spawn(
+            "metrics",
+            [args.twistd, "-n", "--pidfile", str(tmp / "metrics.pid"), "graceful"]
+            + ["--port", f"tcp:{ports['metrics']}:interface={HOST}"]
+            + ["--metrics", f"tcp:{ports['scrape']}:interface={HOST}"]
+            + ["--control", str(tmp / "metrics.sock")],
         ),
         "web": children.spawn(
             "web",
@@ -72,7 +91,45 @@ def start_servers(children: Children, args: argparse.Namespace) -> dict[str, int
         records, others = run_client(spec)
         if not records or any(outcome for _, _, outcome in records) or others:
             raise ServerDied(f"{name} does not serve /bytes/{args.body} right: {dict(others)}")
-    return ports
+    scrape = ports["scrape"]
+    wait_until(lambda: accepts_connections(scrape), [procs["metrics"]], 30, "metrics", children)
+    return ports, {name: proc.pid for name, proc in procs.items()}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time a process has used so far, from /proc (Linux)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Scraper:
+    """Scrapes a metrics listener every ``interval`` seconds in a thread, as Prometheus would."""
+
+    def __init__(self, port: int, interval: float) -> None:
+        self.url = f"http://{HOST}:{port}/metrics"
+        self.interval = interval
+        self.scrapes = 0
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                with urllib.request.urlopen(self.url, timeout=10) as answer:
+                    answer.read()
+                self.scrapes += 1
+            except OSError:
+                self.failures += 1
+
+    def __enter__(self) -> "Scraper":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(15)
 
 
 def measure_wrk(port: int, seconds: int, args: argparse.Namespace) -> dict:
@@ -116,14 +173,30 @@ def run(args: argparse.Namespace) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="graceful-throughput-"))
     children = Children(tmp)
     try:
-        ports = start_servers(children, args)
+        ports, pids = start_servers(children, args)
 
-        def measure(name: str, seconds: int) -> dict:
+        def load(name: str, seconds: int) -> dict:
             if args.client == "wrk":
                 return measure_wrk(ports[name], seconds, args)
             return measure_python(ports[name], seconds, args, tmp)
 
-        order = ["graceful", "web"]
+        def measure(name: str, seconds: int) -> dict:
+            # The server's CPU time per request does not depend on what else the machine runs
+            # as much as requests per second do.
+            before = cpu_seconds(pids[name])
+            if name != "metrics":
+                numbers = load(name, seconds)
+            else:
+                with Scraper(ports["scrape"], args.scrape_interval) as scraper:
+                    numbers = load(name, seconds)
+                numbers["scrapes"] = scraper.scrapes
+                numbers["errors"] += scraper.failures
+            requests = numbers["rps"] * seconds
+            used = cpu_seconds(pids[name]) - before
+            numbers["cpu_us_per_request"] = round(used / requests * 1e6, 1) if requests else 0.0
+            return numbers
+
+        order = list(SERVERS)
         for name in order if args.warmup else ():
             measure(name, args.warmup)
         rounds: dict[str, list[dict]] = {name: [] for name in order}
@@ -140,12 +213,23 @@ def run(args: argparse.Namespace) -> dict:
         name: {
             "rps_median": statistics.median(r["rps"] for r in runs),
             "rps": [r["rps"] for r in runs],
+            "cpu_us_per_request_median": statistics.median(r["cpu_us_per_request"] for r in runs),
             "errors": sum(r["errors"] for r in runs),
         }
         for name, runs in rounds.items()
     }
     result["ratio"] = round(result["graceful"]["rps_median"] / result["web"]["rps_median"], 4)
     result["ratio_within_target"] = result["ratio"] >= TARGET_RATIO
+    result["metrics"]["scrapes"] = sum(r.get("scrapes", 0) for r in rounds["metrics"])
+    result["metrics_ratio"] = round(
+        result["metrics"]["rps_median"] / result["graceful"]["rps_median"], 4
+    )
+    result["metrics_ratio_within_target"] = result["metrics_ratio"] >= METRICS_TARGET_RATIO
+    result["metrics_cpu_ratio"] = round(
+        result["metrics"]["cpu_us_per_request_median"]
+        / result["graceful"]["cpu_us_per_request_median"],
+        4,
+    )
     return result
 
 
@@ -168,6 +252,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="load generator (auto: wrk when installed)",
     )
     add("--wrk-threads", type=int, default=1, help="wrk threads")
+    add(
+        "--scrape-interval",
+        type=float,
+        default=1.0,
+        help="seconds between two scrapes of graceful --metrics while it is loaded",
+    )
     add("--twistd", default=str(Path(sys.executable).with_name("twistd")), help="twistd to run")
     add("--json", type=Path, help="write the numbers to this file")
     args = parser.parse_args(argv)
@@ -183,7 +273,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Measure, print both servers' requests/s and the ratio, write the JSON."""
     args = parse_args(argv)
-    limit = (args.rounds + 1) * 2 * (args.duration + 30) + 120
+    limit = (args.rounds + 1) * len(SERVERS) * (args.duration + 30) + 120
     for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell may have ignored it
         signal.signal(signum, raise_on_signal(KeyboardInterrupt()))
     signal.signal(signal.SIGALRM, raise_on_signal(HardTimeout(f"run exceeded {limit:.0f} s")))
@@ -203,16 +293,28 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.client}, {args.connections} connections, {connection}, /bytes/{args.body}, "
         f"{args.rounds} x {args.duration} s"
     )
-    for name in ("graceful", "web"):
+    labels = {"graceful": "graceful", "metrics": "graceful --metrics", "web": "twistd web"}
+    for name in SERVERS:
         numbers = result[name]
         each = " ".join(f"{rps:.0f}" for rps in numbers["rps"])
+        scrapes = f"; scrapes: {numbers['scrapes']}" if name == "metrics" else ""
         print(
-            f"  {name:9} {numbers['rps_median']:9.1f} req/s median  (rounds: {each}; "
-            f"errors: {numbers['errors']})"
+            f"  {labels[name]:18} {numbers['rps_median']:9.1f} req/s median, "
+            f"{numbers['cpu_us_per_request_median']:6.1f} us CPU/request  (rounds: {each}; "
+            f"errors: {numbers['errors']}{scrapes})"
         )
     verdict = "PASS" if result["ratio_within_target"] else "FAIL"
     print(
         f"  ratio graceful / web: {result['ratio']:.1%}   target >= {TARGET_RATIO:.0%}  {verdict}"
+    )
+    verdict = "PASS" if result["metrics_ratio_within_target"] else "FAIL"
+    print(
+        f"  ratio graceful --metrics / graceful: {result['metrics_ratio']:.1%}   target >= "
+        f"{METRICS_TARGET_RATIO:.0%}  {verdict}"
+    )
+    print(
+        "  server CPU per request, graceful --metrics / graceful:"
+        f" {result['metrics_cpu_ratio']:.1%} (steadier than req/s on a busy machine)"
     )
     if args.json is not None:
         document = {"machine": machine(), "config": vars(args), "result": result}

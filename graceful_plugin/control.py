@@ -30,6 +30,9 @@ _DESCRIPTOR_DIGITS = 20
 #: The listener kind that marks the control socket itself in a L{TakeOver} answer.
 CONTROL_KIND = "control"
 
+#: The role of the listener that serves the metrics (C{--metrics}) in a L{TakeOver} answer.
+METRICS_ROLE = "metrics"
+
 
 class HandoffBusy(Exception):
     """
@@ -87,6 +90,9 @@ class TakeOver(amp.Command):
                     (b"fd", amp.Descriptor()),
                     # The listener as a --port value, for a successor with no --port of its own.
                     (b"spec", amp.Unicode(optional=True)),
+                    # What the listener serves when not the application: METRICS_ROLE.  An
+                    # older predecessor sends none.
+                    (b"role", amp.Unicode(optional=True)),
                 ]
             ),
         ),
@@ -180,7 +186,17 @@ _generationEntry = [
     (b"generation", amp.Integer()),
     (b"state", amp.Unicode()),
     (b"sessions", amp.Integer()),
+    # Optional (older generations send neither): seconds spent draining so far, and the live
+    # sessions by listener (those with any, at most REPORT_LISTENERS).
+    (b"since", amp.Float(optional=True)),
+    (
+        b"listeners",
+        amp.AmpList([(b"name", amp.Unicode()), (b"sessions", amp.Integer())], optional=True),
+    ),
 ]
+
+#: At most this many listeners in a generation entry's C{listeners} (one AMP value: 64 KiB).
+REPORT_LISTENERS = 50
 
 
 class ReportSessions(amp.Command):
@@ -221,12 +237,65 @@ class Status(amp.Command):
                     (b"address", amp.Unicode()),
                     (b"accepting", amp.Boolean()),
                     (b"sessions", amp.Integer()),
+                    # Connections accepted, predecessors' included (optional: older servers).
+                    (b"connections", amp.Integer(optional=True)),
                 ]
             ),
         ),
         (b"draining", amp.AmpList(_generationEntry)),
         (b"next", amp.Integer(optional=True)),
+        # Optional figures (older servers send none): how many generations drain, handoffs by
+        # outcome, and the count and sum of seconds of each timing (handoff, phase:NAME, drain).
+        (b"drainingGenerations", amp.Integer(optional=True)),
+        (
+            b"handoffs",
+            amp.AmpList([(b"outcome", amp.Unicode()), (b"total", amp.Integer())], optional=True),
+        ),
+        (
+            b"timings",
+            amp.AmpList(
+                [(b"name", amp.Unicode()), (b"count", amp.Integer()), (b"sum", amp.Float())],
+                optional=True,
+            ),
+        ),
     ]
+
+
+class Counters(amp.Command):
+    """
+    The successor asks for the predecessor's counters, to continue them (an addition to
+    protocol version 1: an older predecessor answers UNHANDLED, and the successor starts from
+    zero).  Sent right after L{Commit}, so it is answered once the predecessor has paused
+    accepting: the figures are final.  The connection counters come in batches from index
+    C{start}; the first answer also carries the handoffs and histograms.
+    """
+
+    arguments = [(b"start", amp.Integer())]
+    response = [
+        (b"version", amp.Integer()),
+        (
+            b"connections",
+            amp.AmpList([(b"listener", amp.Unicode()), (b"total", amp.Integer())]),
+        ),
+        (
+            b"handoffs",
+            amp.AmpList([(b"outcome", amp.Unicode()), (b"total", amp.Integer())], optional=True),
+        ),
+        (
+            b"histograms",
+            amp.AmpList(
+                [
+                    (b"name", amp.Unicode()),
+                    (b"bounds", amp.ListOf(amp.Float())),
+                    (b"counts", amp.ListOf(amp.Integer())),
+                    (b"sum", amp.Float()),
+                ],
+                optional=True,
+            ),
+        ),
+        (b"next", amp.Integer()),
+    ]
+    errors = {NoHandoff: b"NO_HANDOFF"}
 
 
 class Stop(amp.Command):
@@ -331,6 +400,11 @@ class IControlHandler(Interface):
     def status(protocol: ControlProtocol, start: int) -> dict[str, Any]:
         """
         Answer L{Status}, with the batch of listeners from index C{start}.
+        """
+
+    def counters(protocol: ControlProtocol, start: int) -> dict[str, Any]:
+        """
+        Answer L{Counters}, with the batch of connection counters from index C{start}.
         """
 
     def stop(protocol: ControlProtocol, drainTimeout: float | None) -> dict[str, Any]:
@@ -506,6 +580,10 @@ class ControlProtocol(amp.AMP):
     def _status(self, start: int | None = None) -> dict[str, Any]:
         return self.handler.status(self, start or 0)
 
+    @Counters.responder
+    def _counters(self, start: int) -> dict[str, Any]:
+        return self.handler.counters(self, start)
+
     @Stop.responder
     def _stop(self, drainTimeout: float | None = None) -> dict[str, Any]:
         return self.handler.stop(self, drainTimeout)
@@ -531,6 +609,7 @@ class ClientHandler:
         raise NoHandoff("this end of the control channel does not serve")
 
     hello = takeOver = commit = accepting = abort = status = stop = restart = _refuse
+    counters = _refuse
 
     def reportSessions(self, protocol: ControlProtocol, generations: list[dict[str, Any]]) -> None:
         pass

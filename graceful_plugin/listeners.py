@@ -539,6 +539,8 @@ class _AdoptablePortMixin:
     name: str
     kind: str
     spec: ListenerSpec | None = None
+    #: What the listener serves when not the application (C{"metrics"}), or empty.
+    role = ""
     _unlinkOnClose = False
     _accepting = False
     # Never shutdown(2) the socket: another process may be accepting on it.

@@ -25,6 +25,7 @@ from graceful_plugin import control, pidfile
 from graceful_plugin.control import (
     CONTROL_KIND,
     PROTOCOL_VERSION,
+    REPORT_LISTENERS,
     TAKEOVER_BATCH,
     ControlProtocol,
     HandoffBusy,
@@ -34,6 +35,8 @@ from graceful_plugin.control import (
     RolledBack,
     VersionMismatch,
 )
+from graceful_plugin.draining import DrainingView, Upstream, fitEntries
+from graceful_plugin.figures import Figures
 from graceful_plugin.listeners import (
     AdoptedTCPPort,
     AdoptedUNIXPort,
@@ -83,21 +86,14 @@ class Settings:
     restartDirectory: str = ""
     #: Sockets systemd passed (socket activation), for the first generation's listeners.
     activated: list[Any] = field(default_factory=list)
+    #: The listener that serves the metrics (C{--metrics}), if any of our own.
+    metrics: ListenerSpec | None = None
 
 
 class TakeoverFailed(Exception):
     """
     A takeover could not be completed; the predecessor serves on.
     """
-
-
-@dataclass
-class _Predecessor:
-    """
-    What we know of a generation still draining behind us.
-    """
-
-    entries: list[dict[str, Any]] = field(default_factory=list)
 
 
 @implementer(IGenerationEffects, IControlHandler)
@@ -135,7 +131,13 @@ class GracefulServer(service.Service):
         self.exitCode = 0
         self._successor: ControlProtocol | None = None
         self._successorPid = 0
-        self._predecessors: dict[ControlProtocol, _Predecessor] = {}
+        #: What this generation counted, and its predecessors before it.
+        self.figures = Figures()
+        #: Every generation still draining behind us.
+        self.draining = DrainingView(reactor, onGone=self._drained, ownPid=os.getpid())
+        #: Where we report our sessions once our successor's link has gone.
+        self.upstream = Upstream(self, lambda: ControlProtocol(self), settings.controlPath)
+        self._drainingSince: float | None = None
         self._reportCall: Any = None
         self._draining = False
         self._terminated: Deferred[None] = Deferred()
@@ -230,6 +232,10 @@ class GracefulServer(service.Service):
                 activated = []
             for spec in specs:
                 ports.append(self._bindAndAdopt(spec, self.factory))
+            if self.settings.metrics is not None:
+                from graceful_plugin.metrics import bindMetrics
+
+                ports.append(bindMetrics(self))
             self.controlPort = self._bindAndAdopt(
                 ListenerSpec(
                     name="control", kind="unix", path=self.settings.controlPath, mode=0o600
@@ -461,6 +467,7 @@ class GracefulServer(service.Service):
 
     def beginDrain(self) -> None:
         self._draining = True
+        self._drainingSince = time.monotonic()
         live = self.liveSessions()
         self.log.info(
             "generation {generation} draining {sessions} sessions",
@@ -496,6 +503,7 @@ class GracefulServer(service.Service):
 
     def handoffAborted(self, reason: str) -> None:
         successor, self._successor = self._successor, None
+        self.figures.count("rolled_back")
         self.log.warn(
             "handoff to pid {pid} rolled back: {reason}; serving on",
             pid=self._successorPid,
@@ -533,6 +541,15 @@ class GracefulServer(service.Service):
         )
         if self._reportCall is not None and self._reportCall.active():
             self._reportCall.cancel()
+        self.draining.stop()
+        self.upstream.stop()
+        link = self._successor
+        if link is not None and not getattr(link.transport, "disconnecting", True):
+            # A last word (the machine is in the middle of this transition: name the state),
+            # so that the serving generation knows how long we drained, and of the generations
+            # still draining behind us (it remembers them once our link has gone).
+            entries = [self._ownEntry(state="terminated")] + self._drainingEntries()
+            link.callRemote(control.ReportSessions, generations=entries)
         # Ports finish closing (and a last generation unlinks its paths) a moment later.
         closed = DeferredList([d for d in self._closing if d is not None])
         closed.addBoth(lambda _: self._terminated.callback(None))
@@ -576,33 +593,56 @@ class GracefulServer(service.Service):
         entries = [self._ownEntry()] + self._drainingEntries()
         successor.callRemote(control.ReportSessions, generations=entries)
 
-    def _ownEntry(self) -> dict[str, Any]:
+    def _ownEntry(self, state: str | None = None) -> dict[str, Any]:
         assert self.machine is not None
+        busiest = sorted(
+            (port for port in self.ports if port.sessions.count),
+            key=lambda port: -port.sessions.count,
+        )[:REPORT_LISTENERS]
         return {
             "pid": os.getpid(),
             "generation": self.generation,
-            "state": self.machine.describe(),
+            "state": state or self.machine.describe(),
             "sessions": self.liveSessions(),
+            "since": None
+            if self._drainingSince is None
+            else time.monotonic() - self._drainingSince,
+            "listeners": [{"name": p.name, "sessions": p.sessions.count} for p in busiest],
         }
 
     def _drainingEntries(self) -> list[dict[str, Any]]:
-        entries: list[dict[str, Any]] = []
-        for predecessor in self._predecessors.values():
-            entries.extend(predecessor.entries)
-        return entries
+        return fitEntries(self.draining.entries())
 
     def drainingGenerations(self) -> int:
         """
         How many generations behind us are still draining (one that has not reported yet counts
-        as one).
+        as one), however many links away.
         """
-        return sum(len(p.entries) or 1 for p in self._predecessors.values())
+        return self.draining.count()
+
+    def _drained(self, entry: dict[str, Any], seconds: float) -> None:
+        self.figures.observe("drain", seconds)
 
     def adoptPredecessorLink(self, protocol: ControlProtocol) -> None:
         """
         Keep the connection to the predecessor we took over from, to hear its session counts.
         """
-        self._predecessors[protocol] = _Predecessor()
+        self.draining.addLink(protocol)
+
+    def reportTo(self, link: ControlProtocol) -> None:
+        """
+        Report our sessions on C{link} (to the serving generation, our successor having gone).
+        """
+        self._successor = link
+        if self._reportCall is not None and self._reportCall.active():
+            self._reportCall.cancel()
+        self._reportCall = self.reactor.callLater(0, self._report)
+
+    def stillReporting(self) -> bool:
+        """
+        Whether we drain after a handoff (and so report our sessions to whoever serves).
+        """
+        return self._draining and self._handedOver and not self._stopping
 
     # -- IControlHandler --------------------------------------------------------------------
 
@@ -610,8 +650,7 @@ class GracefulServer(service.Service):
         pass
 
     def connectionClosed(self, protocol: ControlProtocol, reason: Failure) -> None:
-        if protocol in self._predecessors:
-            del self._predecessors[protocol]
+        if self.draining.linkClosed(protocol):
             if self.machine is not None:
                 # (A takeover that failed before serving closes this link too: no news then.)
                 self.log.info("a draining predecessor has gone")
@@ -623,9 +662,19 @@ class GracefulServer(service.Service):
             if self._exitCall is not None and self._exitCall.active():
                 self._exitCall.cancel()
                 self.reactor.stop()
+            elif self.stillReporting():
+                # Whoever serves now hears from us directly.
+                self.upstream.lost()
 
     def hello(self, protocol: ControlProtocol, version: int, pid: int) -> dict[str, Any]:
-        if protocol in self._predecessors:
+        try:
+            return self._hello(protocol, version, pid)
+        except (HandoffBusy, VersionMismatch):
+            self.figures.count("refused")
+            raise
+
+    def _hello(self, protocol: ControlProtocol, version: int, pid: int) -> dict[str, Any]:
+        if self.draining.isLink(protocol):
             # Our own Hello came back on the link we took over on: whatever answers there (an
             # echo server, say) is no graceful server.
             raise NoHandoff("a Hello arrived on a successor's own handoff link")
@@ -671,6 +720,7 @@ class GracefulServer(service.Service):
                     "address": portAddress(port),
                     "fd": port.fileno(),
                     "spec": _specText(port),
+                    "role": getattr(port, "role", "") or None,
                 }
                 for port in ports[start : start + TAKEOVER_BATCH]
             ]
@@ -707,15 +757,15 @@ class GracefulServer(service.Service):
         return {}
 
     def reportSessions(self, protocol: ControlProtocol, generations: list[dict[str, Any]]) -> None:
-        predecessor = self._predecessors.get(protocol)
-        if predecessor is None:
-            return
-        predecessor.entries = generations
+        # From our predecessor's link, or from a generation draining further behind that
+        # connected to us directly once the generation it reported to had gone.
+        self.draining.report(protocol, generations)
         # Pass the news on if we are draining ourselves.
         self._sessionsChanged()
 
     def status(self, protocol: ControlProtocol, start: int = 0) -> dict[str, Any]:
         ports = [port for port in self.ports if port.connected]
+        connections = self.figures.connections(self.ports)
         batch = ports[start : start + control.STATUS_BATCH]
         nextStart = start + len(batch)
         return {
@@ -731,12 +781,19 @@ class GracefulServer(service.Service):
                     "address": portAddress(port),
                     "accepting": port.accepting,
                     "sessions": port.sessions.count,
+                    "connections": connections.get(port.name, 0),
                 }
                 for port in batch
             ],
             "draining": self._drainingEntries(),
             "next": nextStart if nextStart < len(ports) else -1,
+            "drainingGenerations": self.drainingGenerations(),
+            **self.figures.totals(),
         }
+
+    def counters(self, protocol: ControlProtocol, start: int) -> dict[str, Any]:
+        self._requireSuccessor(protocol)
+        return self.figures.batch(self._allPorts(), start)
 
     def stop(self, protocol: ControlProtocol, drainTimeout: float | None) -> dict[str, Any]:
         self.reactor.callLater(0, self.stopGracefully, drainTimeout)

@@ -72,12 +72,16 @@ class SessionTracker:
 
     Transports report themselves with L{opened} and L{closed}; observers hear the new count after
     every change.
+
+    @ivar accepted: how many connections were accepted, ever (a plain integer: the metrics read
+        it at scrape time, so counting costs one increment and no lock).
     """
 
     log = Logger()
 
     def __init__(self) -> None:
         self._live: set[Any] = set()
+        self.accepted = 0
         self._observers: list[Callable[[], None]] = []
 
     @property
@@ -101,6 +105,7 @@ class SessionTracker:
         """
         A connection was accepted.
         """
+        self.accepted += 1
         self._live.add(transport)
         self._changed()
 

@@ -26,11 +26,13 @@ from twisted.protocols import amp
 from graceful_plugin import pidfile
 from graceful_plugin.control import (
     CONTROL_KIND,
+    METRICS_ROLE,
     PROTOCOL_VERSION,
     Abort,
     Accepting,
     Commit,
     ControlProtocol,
+    Counters,
     HandoffBusy,
     Hello,
     NoHandoff,
@@ -38,12 +40,20 @@ from graceful_plugin.control import (
     TakeOver,
     VersionMismatch,
 )
+from graceful_plugin.figures import FIGURES_VERSION
 from graceful_plugin.listeners import (
     ListenerSpec,
     adoptListener,
     findMatch,
     listeningSocketProblem,
     parseListener,
+)
+from graceful_plugin.metrics import (
+    MetricsUnavailable,
+    adoptMetrics,
+    holdMetrics,
+    openMetrics,
+    releaseMetrics,
 )
 from graceful_plugin.server import TakeoverFailed, maybeReady
 
@@ -187,10 +197,17 @@ async def takeOver(server: GracefulServer) -> None:
         opened = _openNew(server, missing)
         adopted.extend(opened)
         ports.extend(opened)
+        metrics = _openMetrics(server, ports)
+        if metrics is not None:
+            adopted.append(metrics)
+            ports.append(metrics)
         adoptedAt = time.monotonic()
         await _timed(maybeReady(server._ready), deadline, reactor)
         readyAt = time.monotonic()
-        answer = await _timed(link.callRemote(Commit, dropped=dropped), deadline, reactor)
+        committing = link.callRemote(Commit, dropped=dropped)
+        # Right behind the Commit, so answered once the predecessor has paused: final figures.
+        counters = _askCounters(link, 0)
+        answer = await _timed(committing, deadline, reactor)
         committedAt = time.monotonic()
         if committedAt - readyAt > answer["confirmWithin"] / 2:
             raise TakeoverFailed(
@@ -222,6 +239,8 @@ async def takeOver(server: GracefulServer) -> None:
     server.ports = ports
     server.controlPort = controlPort
     server.beginServing()
+    holdMetrics(ports)
+    figures = await _counters(link, counters, deadline, reactor)
     try:
         await _timed(link.callRemote(Accepting), deadline, reactor)
     except RolledBack as e:
@@ -240,6 +259,18 @@ async def takeOver(server: GracefulServer) -> None:
     confirmedAt = time.monotonic()
     if settings.pidfile:
         pidfile.claim(settings.pidfile, os.getpid())
+    _continueFigures(server, figures, hello["generation"])
+    server.figures.observeTakeover(
+        committedAt - started,
+        {
+            "fds": fdsAt - started,
+            "adopt": adoptedAt - fdsAt,
+            "ready": readyAt - adoptedAt,
+            "commit": committedAt - readyAt,
+            "confirm": confirmedAt - committedAt,
+        },
+    )
+    releaseMetrics(ports)
     log.info(
         "took over from pid {pid} as generation {generation}: handoff {ms:.1f} ms "
         "(connect to commit; fds {fdsMs:.1f} ms, adopt {adoptMs:.1f} ms, ready {readyMs:.1f} ms,"
@@ -307,6 +338,16 @@ def _adopt(
                 )
                 controlPort.kind = CONTROL_KIND
                 continue
+            if entry.get("role") == METRICS_ROLE:
+                try:
+                    metrics = adoptMetrics(server, entry, fd)
+                except MetricsUnavailable as e:
+                    raise TakeoverFailed(f"the predecessor serves metrics, but {e}") from None
+                if metrics is None:
+                    dropped.append(entry["name"])
+                else:
+                    ports.append(metrics)
+                continue
             name = entry["name"]
             spec: ListenerSpec | None
             if server.settings.listeners:
@@ -372,3 +413,71 @@ def _openNew(server: GracefulServer, specs: list[Any]) -> list[Port]:
             port.close()
         raise TakeoverFailed(str(e)) from None
     return opened
+
+
+def _openMetrics(server: GracefulServer, ports: list[Port]) -> Port | None:
+    """
+    Bind our own metrics listener if the predecessor handed over none at its address.
+    """
+    try:
+        return openMetrics(server, ports)
+    except OSError as e:
+        raise TakeoverFailed(str(e)) from None
+
+
+def _askCounters(link: ControlProtocol, start: int) -> Deferred[Any]:
+    """
+    Ask for a batch of the predecessor's counters; the answer, or L{None} if it has none to
+    give (an older predecessor, a lost link).
+    """
+
+    def none(failure: Any) -> None:
+        if failure.check(amp.UnhandledCommand):
+            log.info("the predecessor hands over no counters (an older version): counting from 0")
+        elif not failure.check(ConnectionClosed, defer.TimeoutError, NoHandoff, amp.RemoteAmpError):
+            log.failure("asking the predecessor for its counters failed", failure)
+        else:
+            log.info(
+                "the predecessor's counters did not arrive ({error}): counting from 0",
+                error=failure.getErrorMessage() or failure.type.__name__,
+            )
+        return None
+
+    return link.callRemote(Counters, start=start).addErrback(none)
+
+
+async def _counters(
+    link: ControlProtocol, first: Deferred[Any], deadline: float, reactor: Any
+) -> list[dict[str, Any]]:
+    """
+    Every batch of the predecessor's counters (none when it gave none).
+    """
+    answers: list[dict[str, Any]] = []
+    d = first
+    while True:
+        try:
+            answer = await _timed(d, deadline, reactor)
+        except defer.TimeoutError:
+            log.info("the predecessor's counters did not arrive in time: counting from 0")
+            return []
+        if answer is None:
+            return []
+        answers.append(answer)
+        if answer["next"] < 0:
+            return answers
+        d = _askCounters(link, answer["next"])
+
+
+def _continueFigures(
+    server: GracefulServer, answers: list[dict[str, Any]], generation: int
+) -> None:
+    if not answers:
+        return
+    if answers[0]["version"] != FIGURES_VERSION:
+        log.info(
+            "the predecessor's counters are of version {version}, not {ours}: counting from 0",
+            version=answers[0]["version"],
+            ours=FIGURES_VERSION,
+        )
+        return
+    server.figures.inherit(answers, generation)

@@ -138,6 +138,7 @@ class Options(usage.Options):
         self["takeover"] = None
         self["application"] = None
         self["app"] = None
+        self["metrics"] = None
 
     def opt_port(self, spec: str) -> None:
         """
@@ -151,6 +152,21 @@ class Options(usage.Options):
             raise usage.UsageError(f"--port {e}") from None
 
     opt_p = opt_port
+
+    def opt_metrics(self, spec: str) -> None:
+        """
+        Serve Prometheus metrics on this listener (tcp or unix, as --port: tcp:9100:interface=
+        127.0.0.1), from the serving generation; a successor without --metrics keeps it.
+        """
+        from graceful_plugin.metrics import MetricsUnavailable, parseMetrics, requirePrometheus
+
+        try:
+            requirePrometheus()
+            self["metrics"] = parseMetrics(spec)
+        except MetricsUnavailable as e:
+            raise usage.UsageError(str(e)) from None
+        except ValueError as e:
+            raise usage.UsageError(f"--metrics {e}") from None
 
     def opt_takeover(self, path: str) -> None:
         """
@@ -219,6 +235,12 @@ class Options(usage.Options):
         duplicate = next((n for n in names if names.count(n) > 1), None)
         if duplicate is not None:
             raise usage.UsageError(f"--port: the listener name {duplicate!r} is given twice")
+        metrics = self["metrics"]
+        if metrics is not None and metrics.name in names:
+            raise usage.UsageError(
+                f"--metrics: the listener name {metrics.name!r} is also a --port's; name one"
+                " of them otherwise"
+            )
         if self["takeover"]:
             self["control"] = self["takeover"]
         self["control"] = os.path.abspath(self["control"])
@@ -330,6 +352,7 @@ def makeService(options: Options) -> service.IService:
         restartCommand=restartCommand(options.get("restart-command"), options["control"]),
         restartDirectory=os.getcwd(),
         activated=options.get("activated") or [],
+        metrics=options["metrics"],
     )
     holder: dict[str, GracefulServer] = {}
     app = options["app"]

@@ -25,7 +25,10 @@ a test run hundreds of real takeovers without paying for Python's start-up each 
     python -m tests.fake_successor LISTEN_PATH predecessor:KIND
 
 A fake predecessor listening at LISTEN_PATH: KIND ``version`` answers Hello with a VERSION error;
-``pipe`` and ``udp`` hand over a pipe or a UDP socket as if it were a TCP listener.
+``pipe`` and ``udp`` hand over a pipe or a UDP socket as if it were a TCP listener; ``old:PORT``
+is a predecessor of an older version that knows no Counters command: it hands over a web
+listener on 127.0.0.1:PORT and a control socket, and lets the takeover complete; ``noconfirm:PORT``
+does the same but never answers Accepting.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from graceful_plugin.control import (
 
 STEPS = ("connected", "hello", "fds", "adopted", "commit")
 REAL_POINTS = ("ready", "committed", "accepting")
-PREDECESSORS = ("version", "pipe", "udp")
+PREDECESSORS = ("version", "pipe", "udp", "old", "noconfirm")
 
 
 def reached(step: str, detail: str = "") -> None:
@@ -217,6 +220,30 @@ class _FakePredecessor(amp.AMP):
 
     @TakeOver.responder
     def takeOver(self, start: int) -> dict[str, Any]:
+        if self.kind.startswith(("old:", "noconfirm:")):
+            web = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            web.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            web.bind(("127.0.0.1", int(self.kind.partition(":")[2])))
+            web.listen(128)
+            control_ = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            control_.bind(os.path.abspath("old-control.sock"))
+            control_.listen(128)
+            # As a real predecessor's: the reactor's accept loop must never block.
+            web.setblocking(False)
+            control_.setblocking(False)
+            address = f"127.0.0.1:{web.getsockname()[1]}"
+            return {
+                "listeners": [
+                    {"name": "web", "kind": "tcp", "address": address, "fd": web.detach()},
+                    {
+                        "name": "control",
+                        "kind": control.CONTROL_KIND,
+                        "address": os.path.abspath("old-control.sock"),
+                        "fd": control_.detach(),
+                    },
+                ],
+                "next": -1,
+            }
         if self.kind == "pipe":
             fd, other = os.pipe()
             print(f"handing over pipe {fd}", flush=True)
@@ -229,6 +256,17 @@ class _FakePredecessor(amp.AMP):
             "listeners": [{"name": "web", "kind": "tcp", "address": "127.0.0.1:1", "fd": fd}],
             "next": -1,
         }
+
+    @Commit.responder
+    def commit(self, dropped: list[str] | None = None) -> dict[str, Any]:
+        return {"confirmWithin": 10.0}
+
+    @control.Accepting.responder
+    def accepting(self) -> Any:
+        print("successor accepting", flush=True)
+        if self.kind.startswith("noconfirm:"):
+            return defer.Deferred()
+        return {}
 
     @control.Abort.responder
     def abort(self, reason: str) -> dict[str, Any]:
@@ -267,7 +305,7 @@ def main() -> None:
         os._exit(code)
     if step.startswith("predecessor:"):
         kind = step.partition(":")[2]
-        if kind not in PREDECESSORS:
+        if kind.partition(":")[0] not in PREDECESSORS:
             raise SystemExit(f"predecessor:KIND takes one of {', '.join(PREDECESSORS)}")
         task.react(lambda reactor: predecessor(reactor, path, kind))
         return

@@ -505,7 +505,8 @@ class StatusTests(ControlTestCase):
     def test_statusFields(self) -> None:
         """
         Status answers the version, pid, generation, state, uptime, and each listener (not the
-        control socket) with whether it accepts and its session count.
+        control socket) with whether it accepts, its session count and the connections it
+        accepted.
         """
         self.web.sessions.opened(object())
         self.web.sessions.opened(object())
@@ -525,6 +526,7 @@ class StatusTests(ControlTestCase):
                     "address": "127.0.0.1:8080",
                     "accepting": True,
                     "sessions": 2,
+                    "connections": 2,
                 },
                 {
                     "name": "api",
@@ -532,6 +534,7 @@ class StatusTests(ControlTestCase):
                     "address": "127.0.0.1:8081",
                     "accepting": True,
                     "sessions": 0,
+                    "connections": 0,
                 },
             ],
         )

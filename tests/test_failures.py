@@ -205,8 +205,8 @@ def test_predecessorKilledWhileDrainingLeavesSuccessorServing(
         _waitForStatus(
             workdir,
             lambda s: (
-                s["draining"]
-                == [{"pid": first.pid, "generation": 1, "state": "draining", "sessions": 1}]
+                [(d["pid"], d["generation"], d["state"], d["sessions"]) for d in s["draining"]]
+                == [(first.pid, 1, "draining", 1)]
             ),
             "the predecessor draining one session",
         )

@@ -26,6 +26,7 @@ COMMANDS = [
     b"Abort",
     b"ReportSessions",
     b"Status",
+    b"Counters",
     b"Nope",
     b"",
 ]

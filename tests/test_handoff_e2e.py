@@ -104,8 +104,11 @@ def test_statusReportsSessionsWhileDownloadsAreInFlight(procs: Processes, workdi
             workdir, lambda s: s["pid"] == second.pid and s["draining"], "generation 1 draining"
         )
         assert status["generation"] == 2
-        assert status["draining"] == [
-            {"pid": first.pid, "generation": 1, "state": "draining", "sessions": 3}
+        assert [
+            (d["pid"], d["generation"], d["state"], d["sessions"]) for d in status["draining"]
+        ] == [(first.pid, 1, "draining", 3)]
+        assert status["draining"][0]["listeners"] == [
+            {"name": f"tcp:127.0.0.1:{port}", "sessions": 3}
         ]
         human = ctl(workdir, "--control", "c.sock", "status").stdout
         assert f"pid {first.pid}, generation 1, draining: 3 sessions" in human
