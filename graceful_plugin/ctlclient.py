@@ -340,8 +340,9 @@ class Connection:
         except TimeoutError:
             raise _timeout(self.path, deadline) from None
         except OSError:
-            # The server went away before reading us (EPIPE, ECONNRESET): as a close.
-            raise _closed(self.path) from None
+            # The server closed before reading us (EPIPE, ECONNRESET): what it sent before
+            # that, if anything, still says who it is; the reads that follow tell.
+            pass
 
     def _receive(self, deadline: Deadline) -> list[dict[bytes, bytes]]:
         """
@@ -353,7 +354,7 @@ class Connection:
         except TimeoutError:
             raise _timeout(self.path, deadline) from None
         except OSError:
-            raise _closed(self.path) from None
+            data = b""  # reset by the server: as a close
         if not data:
             if self.reader.pending():
                 raise self._notOurs(f"{self.reader.pending()} bytes that are not a whole AMP box")
