@@ -275,9 +275,9 @@ def decodeValues(schema: Schema, box: Mapping[bytes, bytes]) -> dict[str, Any]:
     return values
 
 
-_INTEGER = re.compile(rb"-?[0-9]+\Z")
+_INTEGER = rb"-?[0-9]+\Z"
 #: C{str(float)}'s forms: 1.5, 1e+20, 1.5e-07, inf, -inf, nan.
-_FLOAT = re.compile(rb"-?(?:[0-9]+\.[0-9]+(?:e[-+][0-9]+)?|[0-9]+e[-+][0-9]+|inf)\Z|nan\Z")
+_FLOAT = rb"-?(?:[0-9]+\.[0-9]+(?:e[-+][0-9]+)?|[0-9]+e[-+][0-9]+|inf)\Z|nan\Z"
 
 
 def guessValue(raw: bytes) -> Any:
@@ -289,9 +289,9 @@ def guessValue(raw: bytes) -> Any:
     undecodable bytes replaced).  Only an unknown key is guessed: a text field of the same look
     would come out as a number, which is why every key this client uses is declared.
     """
-    if _INTEGER.match(raw):
+    if re.match(_INTEGER, raw):
         return int(raw)
-    if _FLOAT.match(raw):
+    if re.match(_FLOAT, raw):
         return float(raw)
     if raw in (b"True", b"False"):
         return raw == b"True"
