@@ -361,7 +361,9 @@ def _seconds(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected more than 0 seconds, not {text!r}")
     if not value <= MAX_SECONDS:
-        raise argparse.ArgumentTypeError(f"expected at most {MAX_SECONDS:g} seconds, not {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected at most {MAX_SECONDS:.0f} seconds (a year), not {text!r}"
+        )
     return value
 
 

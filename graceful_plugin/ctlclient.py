@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import struct
 import time
 
@@ -187,6 +188,13 @@ def describeConnectFailure(path: str, error: OSError) -> str:
     """
     if isinstance(error, FileNotFoundError) or not os.path.lexists(path):
         return f"no server at {path}: there is no such socket (is this its --control path?)"
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = None
+    if mode is not None and not stat.S_ISSOCK(mode):
+        what = "a directory" if stat.S_ISDIR(mode) else "a file"
+        return f"no server at {path}: it is {what}, not a socket (is this its --control path?)"
     if isinstance(error, ConnectionRefusedError):
         return f"nothing listens at {path} (a stale socket left by a server that died?)"
     if isinstance(error, PermissionError) or not os.access(path, os.R_OK | os.W_OK):

@@ -459,3 +459,28 @@ def test_aControlPathTooLongForAUnixSocket(workdir: Path) -> None:
         " Unix socket address holds (108)"
     ) in far.stderr
     _noTraceback(far)
+
+
+def test_aPathThatIsNotASocket(workdir: Path) -> None:
+    """
+    A control path naming a directory or a plain file says so, rather than calling it a stale
+    socket.
+    """
+    (workdir / "plain").write_text("")
+    for name, what in ((".", "a directory"), ("plain", "a file")):
+        result = ctl(workdir, "-c", name, "status")
+        assert result.returncode == 1
+        assert f"it is {what}, not a socket (is this its --control path?)" in result.stderr
+        _noTraceback(result)
+
+
+def test_timesMustBeFinite(workdir: Path) -> None:
+    """
+    An infinite or absurd time limit is refused as a bad option (exit status 2), as a
+    non-positive one is.
+    """
+    for args in (["status", "--timeout", "inf"], ["stop", "--drain-timeout", "1e300"]):
+        result = ctl(workdir, "-c", "c.sock", *args)
+        assert result.returncode == 2
+        assert "expected at most 31536000 seconds (a year)" in result.stderr
+        assert "Traceback" not in result.stderr
