@@ -374,6 +374,8 @@ def main(argv: list[str] | None = None) -> None:
     except CtlError as e:
         print(f"graceful-ctl: {e}", file=sys.stderr)
         code = 1
+    except KeyboardInterrupt:
+        code = 130
     except Exception as e:
         print(f"graceful-ctl: unexpected error: {type(e).__name__}: {e}", file=sys.stderr)
         code = 1

@@ -271,11 +271,13 @@ class Connection:
         command: Command,
         deadline: Deadline,
         onProgress: Callable[[dict[str, Any]], None] | None = None,
+        /,
         **arguments: Any,
     ) -> dict[str, Any]:
         """
         Send C{command} with C{arguments} and wait, until C{deadline}, for its answer;
-        L{RestartProgress} reports that arrive meanwhile go to C{onProgress}.
+        L{RestartProgress} reports that arrive meanwhile go to C{onProgress}.  (The first
+        three parameters are positional only, so that any name can be an argument's.)
 
         @raise RemoteError: the server answered with an error the command declares.
         @raise Timeout: no answer before C{deadline}.
