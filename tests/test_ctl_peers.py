@@ -8,6 +8,7 @@ a hang.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -175,8 +176,6 @@ def test_statusPassesEveryFieldThrough(
     ``status --json`` prints what the server sent, fields this client has no schema for
     included; the text output is as before.
     """
-    import json
-
     extra = {"requests": 1234, "p99": 0.125}
 
     def newer(conn: socket.socket, server: FakeServer) -> None:
@@ -484,3 +483,33 @@ def test_timesMustBeFinite(workdir: Path) -> None:
         assert result.returncode == 2
         assert "expected at most 31536000 seconds (a year)" in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def _statusOnly(conn: socket.socket, server: FakeServer) -> None:
+    """
+    Answer Status; take Restart and never answer it.
+    """
+    reader = BoxReader()
+    while (box := server.readBox(conn, reader)) is not None:
+        if box[b"_command"] == b"Status":
+            conn.sendall(_answer(box, control.Status, STATUS))
+        else:
+            conn.sendall(_progress("spawned", 0.5, "pid 4343: successor"))
+
+
+def test_aRestartWithoutOutcomeEndsAtItsTimeout(
+    workdir: Path, fake: Callable[[Handler], FakeServer]
+) -> None:
+    """
+    A server that takes Restart and never decides it makes ``restart --timeout 2`` fail after
+    2 s with the phases seen so far, in text and in JSON.
+    """
+    fake(_statusOnly)
+    text = ctl(workdir, "-c", "c.sock", "restart", "--timeout", "2")
+    assert text.returncode == 1
+    assert " spawned      pid 4343: successor" in text.stdout
+    assert "restart failed: no outcome within 2 s; see `graceful-ctl status`" in text.stderr
+    _noTraceback(text)
+    answer = json.loads(ctl(workdir, "-c", "c.sock", "restart", "--json", "--timeout", "1").stdout)
+    assert answer["ok"] is False and answer["error"].startswith("no outcome within 1 s")
+    assert [p["phase"] for p in answer["phases"]] == ["spawned"]
