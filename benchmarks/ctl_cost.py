@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import compileall
+import ctypes
 import json
 import os
 import signal
@@ -38,6 +39,7 @@ BIN = Path(sys.executable).parent
 TWISTD = str(BIN / "twistd")
 CTL = str(BIN / "graceful-ctl")
 TARGET_MS = 30.0
+_PR_SET_CHILD_SUBREAPER = 36
 
 
 class HardTimeout(Exception):
@@ -106,6 +108,40 @@ def pidAlive(pid: int) -> bool:
         return False
 
 
+def children() -> list[int]:
+    """Our child processes (successors orphaned by an exited generation become ours)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                        found.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+def stopEverything(pids: set[int]) -> None:
+    """Kill C{pids} and every child of ours, and reap them all (bounded)."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        left = children()
+        if not left:
+            return
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+
+
 def summary(samples: list[float]) -> dict:
     return {
         "n": len(samples),
@@ -167,6 +203,9 @@ def main() -> int:
     def onAlarm(signum: int, frame: object) -> None:
         raise HardTimeout(f"the run took longer than {args.hard_timeout:g} s")
 
+    # Successors are started by the server, detached; once the generation that started one
+    # exits, it becomes ours, so that the end of the run can kill and reap every one.
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     signal.signal(signal.SIGALRM, onAlarm)
     signal.setitimer(signal.ITIMER_REAL, args.hard_timeout)
     seen: set[int] = set()
@@ -184,12 +223,8 @@ def main() -> int:
             results = measure(args, directory, seen)
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
-            for pid in seen:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            server.wait(10)
+            stopEverything(seen | {server.pid})
+            server.poll()  # reaped above: this only tells Popen
     width = max(len(k) for k in results)
     print(f"{'CPU per call (user + sys)':<{width}}  median     min     max   (n)")
     for label, s in results.items():
