@@ -186,6 +186,8 @@ def describeConnectFailure(path: str, error: OSError) -> str:
     """
     One sentence on why C{path} could not be reached.
     """
+    if isinstance(error, PermissionError):
+        return f"permission denied on {path}: run as the server's user or root"
     if isinstance(error, FileNotFoundError) or not os.path.lexists(path):
         return f"no server at {path}: there is no such socket (is this its --control path?)"
     try:
@@ -197,7 +199,7 @@ def describeConnectFailure(path: str, error: OSError) -> str:
         return f"no server at {path}: it is {what}, not a socket (is this its --control path?)"
     if isinstance(error, ConnectionRefusedError):
         return f"nothing listens at {path} (a stale socket left by a server that died?)"
-    if isinstance(error, PermissionError) or not os.access(path, os.R_OK | os.W_OK):
+    if not os.access(path, os.R_OK | os.W_OK):
         return f"permission denied on {path}: run as the server's user or root"
     if error.errno is None:
         return f"cannot connect to {path}: {error}"
@@ -388,7 +390,8 @@ def checkPeer(path: str, sock: socket.socket) -> None:
     if uid not in (os.getuid(), 0):
         raise CtlError(
             f"the process at {path} (pid {pid}) runs as uid {uid}, neither ours"
-            f" ({os.getuid()}) nor root: not talking to it"
+            f" ({os.getuid()}) nor root: not talking to it (if it is the server, run"
+            " graceful-ctl as its user, e.g. with sudo -u)"
         )
 
 

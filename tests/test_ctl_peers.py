@@ -513,3 +513,22 @@ def test_aRestartWithoutOutcomeEndsAtItsTimeout(
     answer = json.loads(ctl(workdir, "-c", "c.sock", "restart", "--json", "--timeout", "1").stdout)
     assert answer["ok"] is False and answer["error"].startswith("no outcome within 1 s")
     assert [p["phase"] for p in answer["phases"]] == ["spawned"]
+
+
+def test_permissionDeniedIsNamedEvenWhereThePathCannotBeSeen(workdir: Path) -> None:
+    """
+    C{EACCES} from connect() is "permission denied", also when the path's directory hides it
+    from us (so that it does not look absent); a refused connect on a socket is "nothing
+    listens".
+    """
+    from graceful_plugin.ctlclient import describeConnectFailure
+
+    hidden = "/root/.nothing-here/c.sock"
+    assert describeConnectFailure(hidden, PermissionError(13, "Permission denied")) == (
+        f"permission denied on {hidden}: run as the server's user or root"
+    )
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stale:
+        stale.bind(str(workdir / "stale.sock"))
+    refused = ConnectionRefusedError(111, "Connection refused")
+    message = describeConnectFailure(str(workdir / "stale.sock"), refused)
+    assert message.startswith("nothing listens")
