@@ -244,20 +244,29 @@ class Connection:
         @raise CtlError: with a sentence when it cannot be reached or is not to be trusted.
         """
         target = _connectPath(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(_remaining(path, deadline))
+        pause = 0.005
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                sock.connect(target)
-            except TimeoutError:
-                raise _timeout(path, deadline) from None
-            except OSError as e:
-                raise CtlError(describeConnectFailure(path, e)) from None
-            checkPeer(path, sock)
-        except BaseException:
-            sock.close()
-            raise
-        return cls(path, sock)
+                sock.settimeout(_remaining(path, deadline))
+                try:
+                    sock.connect(target)
+                except TimeoutError:
+                    raise _timeout(path, deadline) from None
+                except BlockingIOError:
+                    # A Unix listener whose queue is full refuses at once (EAGAIN), even in
+                    # blocking mode: a stopped or swamped server.  Try again until the deadline.
+                    sock.close()
+                    time.sleep(min(pause, max(deadline.remaining(), 0)))
+                    pause = min(pause * 2, 0.1)
+                    continue
+                except OSError as e:
+                    raise CtlError(describeConnectFailure(path, e)) from None
+                checkPeer(path, sock)
+            except BaseException:
+                sock.close()
+                raise
+            return cls(path, sock)
 
     def close(self) -> None:
         self.sock.close()

@@ -532,3 +532,30 @@ def test_permissionDeniedIsNamedEvenWhereThePathCannotBeSeen(workdir: Path) -> N
     refused = ConnectionRefusedError(111, "Connection refused")
     message = describeConnectFailure(str(workdir / "stale.sock"), refused)
     assert message.startswith("nothing listens")
+
+
+def test_aFullListenQueue(workdir: Path) -> None:
+    """
+    A listener whose queue is full (a stopped or swamped server: connect() fails at once with
+    EAGAIN) costs the time limit and the same sentence as a server that does not answer.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(workdir / "c.sock"))
+        listener.listen(0)
+        queued = []
+        try:
+            while True:  # fill the queue (a backlog of 0 holds one)
+                client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                client.setblocking(False)
+                queued.append(client)
+                client.connect(str(workdir / "c.sock"))
+        except BlockingIOError:
+            pass
+        try:
+            result = ctl(workdir, "-c", "c.sock", "status", "--timeout", "1")
+        finally:
+            for client in queued:
+                client.close()
+    assert result.returncode == 1
+    assert "did not answer within 1 s (is it stopped, or overloaded?)" in result.stderr
+    _noTraceback(result)
