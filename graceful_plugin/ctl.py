@@ -1,131 +1,73 @@
 """
 ``graceful-ctl``: the admin client, speaking AMP over the control socket.
+
+It imports nothing of Twisted (see L{graceful_plugin.ctlclient}): a call costs a few
+milliseconds of CPU, not the 200 a reactor's start-up would take from the server's cores.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-from collections.abc import Callable
-from typing import Any
 
-from twisted.internet.defer import Deferred, TimeoutError
-from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
-from twisted.internet.error import ConnectError, ConnectionClosed, ConnectionRefusedError
-from twisted.internet.task import deferLater
-from twisted.protocols import amp
-
-from graceful_plugin.control import (
+from graceful_plugin.ctlclient import (
     PROTOCOL_VERSION,
-    ClientHandler,
-    ControlProtocol,
-    HandoffBusy,
+    Connection,
+    ConnectionClosed,
+    CtlError,
+    Deadline,
+    RemoteError,
     Restart,
-    RestartFailed,
-    RestartProgress,
     Status,
     Stop,
+    Timeout,
+    Unhandled,
+    describeConnectFailure,
 )
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
-class CtlError(Exception):
+__all__ = ["CtlError", "checkVersion", "describeConnectFailure", "main"]
+
+
+def toJson(value: Any) -> str:
     """
-    An error to print as one line, exiting non-zero.
+    C{value} as one line of JSON, keys sorted.  (C{json} is imported here, not at the top: the
+    text output does not need its 1-2 ms.)
     """
+    import json
+
+    return json.dumps(value, sort_keys=True)
 
 
-def describeConnectFailure(path: str, error: BaseException) -> str:
+#: Seconds a status (or stop) exchange may take, connecting included, unless told otherwise.
+STATUS_TIMEOUT = 5.0
+
+#: The longest time any option takes (a socket timeout must fit the kernel's; a year is plenty).
+MAX_SECONDS = 365 * 86400.0
+
+#: The least time a look of C{watch} gets when its own deadline is (nearly) reached.
+LAST_LOOK = 1.0
+
+
+def fetchStatus(path: str, deadline: Deadline) -> dict[str, Any]:
     """
-    One sentence on why C{path} could not be reached.
+    The server's status, as a JSON-friendly dictionary: every field the server sends, the
+    ones this client does not know included (see L{graceful_plugin.ampwire.decodeValues}).
     """
-    if not os.path.exists(path):
-        return f"no server at {path}: there is no such socket (is this its --control path?)"
-    if isinstance(error, ConnectionRefusedError):
-        return f"nothing listens at {path} (a stale socket left by a server that died?)"
-    if not os.access(path, os.R_OK | os.W_OK):
-        return f"permission denied on {path}: run as the server's user or root"
-    return f"cannot connect to {path}: {error}"
-
-
-class CtlProtocol(ControlProtocol):
-    """
-    The admin client's end of a control connection: it hears the progress of a restart.
-    """
-
-    def __init__(self, onProgress: Callable[[str, float, str], None] | None = None) -> None:
-        super().__init__(ClientHandler())
-        self.onProgress = onProgress
-
-    @RestartProgress.responder
-    def _restartProgress(self, phase: str, ms: float, detail: str) -> dict[str, Any]:
-        if self.onProgress is not None:
-            self.onProgress(phase, ms, detail)
-        return {}
-
-
-async def connect(
-    reactor: Any,
-    path: str,
-    timeout: float = 5.0,
-    onProgress: Callable[[str, float, str], None] | None = None,
-) -> ControlProtocol:
-    """
-    Open a control connection to the server at C{path}.
-
-    @raise CtlError: with a sentence when it cannot be reached.
-    """
-    endpoint = UNIXClientEndpoint(reactor, path, timeout=timeout)
-    try:
-        protocol = await connectProtocol(endpoint, CtlProtocol(onProgress))
-    except ConnectError as e:
-        raise CtlError(describeConnectFailure(path, e)) from None
-    assert isinstance(protocol, ControlProtocol)
-    return protocol
-
-
-def hangUp(protocol: ControlProtocol) -> None:
-    """
-    Close a control connection, if it is still open.
-    """
-    if protocol.transport is not None:
-        protocol.transport.loseConnection()
-
-
-async def call(protocol: ControlProtocol, command: type[amp.Command], **kw: Any) -> Any:
-    """
-    Call C{command}; turn a dropped connection into a sentence.
-    """
-    try:
-        return await protocol.callRemote(command, **kw)
-    except ConnectionClosed:
-        raise CtlError(
-            "the server closed the connection (only its own user or root may use it)"
-        ) from None
-    except amp.UnhandledCommand:
-        raise CtlError("the server does not know this command (an older version?)") from None
-    except amp.UnknownRemoteError:
-        raise CtlError("the server failed to answer; its log says why") from None
-
-
-async def fetchStatus(reactor: Any, path: str) -> dict[str, Any]:
-    """
-    The server's status, as a JSON-friendly dictionary.
-    """
-    protocol = await connect(reactor, path)
-    try:
-        answer = dict(await call(protocol, Status))
+    with Connection.open(path, deadline) as connection:
+        answer = connection.call(Status, deadline)
         checkVersion(answer["version"])
         # Thousands of listeners do not fit one answer: fetch the rest in batches.
         nextStart = answer.pop("next", -1)
         while nextStart is not None and nextStart >= 0:
-            more = await call(protocol, Status, start=nextStart)
+            more = connection.call(Status, deadline, start=nextStart)
             answer["listeners"].extend(more["listeners"])
             nextStart = more.get("next", -1)
-    finally:
-        hangUp(protocol)
     return answer
 
 
@@ -179,70 +121,70 @@ def formatPhase(phase: str, ms: float, detail: str) -> str:
     return f"  {ms:9.1f} ms  {phase:<12} {detail}"
 
 
-async def restart(reactor: Any, path: str, args: argparse.Namespace) -> int:
+def restart(path: str, args: argparse.Namespace) -> int:
     """
-    Ask the server at C{path} to start its successor and follow the handoff to its end.
+    Ask the server at C{path} to start its successor and follow the handoff to its end, all
+    within C{args.timeout} seconds.
 
     @return: 0 once the successor accepts; 1 when the handoff was rolled back.
     """
-    before = await fetchStatus(reactor, path)
+    overall = Deadline(args.timeout)
+    before = fetchStatus(path, Deadline(STATUS_TIMEOUT, overall))
     phases: list[dict[str, Any]] = []
 
-    def progress(phase: str, ms: float, detail: str) -> None:
-        phases.append({"phase": phase, "ms": ms, "detail": detail})
+    def progress(phase: dict[str, Any]) -> None:
+        phases.append(phase)
         if not args.json:
-            print(formatPhase(phase, ms, detail), flush=True)
+            print(formatPhase(phase["phase"], phase["ms"], phase["detail"]), flush=True)
 
     if not args.json:
         print(
             f"restarting pid {before['pid']} (generation {before['generation']}) at {path}",
             flush=True,
         )
-    protocol = await connect(reactor, path, onProgress=progress)
     outcome: dict[str, Any]
-    sentAt = time.monotonic()
-    try:
-        d = protocol.callRemote(Restart, progress=True)
-        d.addTimeout(args.timeout, reactor)
-        answer = await d
-        outcome = {
-            "ok": True,
-            "pid": answer["pid"],
-            "generation": answer["generation"],
-            "ms": answer["ms"],
-        }
-    except (RestartFailed, HandoffBusy) as e:
-        outcome = {"ok": False, "error": str(e)}
-    except TimeoutError:
-        outcome = {
-            "ok": False,
-            "error": f"no outcome within {args.timeout:g} s; see `graceful-ctl status`",
-        }
-    except ConnectionClosed:
-        # The server may have exited right after its successor took over, before our answer
-        # left: whoever serves now tells.
-        after = await fetchStatus(reactor, path)
-        if after["generation"] > before["generation"]:
+    with Connection.open(path, overall) as connection:
+        sentAt = time.monotonic()
+        try:
+            answer = connection.call(
+                Restart, overall, progress, progress=True, fresh=True if args.fresh else None
+            )
             outcome = {
                 "ok": True,
-                "pid": after["pid"],
-                "generation": after["generation"],
-                "ms": (time.monotonic() - sentAt) * 1000,
+                "pid": answer["pid"],
+                "generation": answer["generation"],
+                "ms": answer["ms"],
             }
-        else:
+        except RemoteError as e:
+            outcome = {"ok": False, "error": str(e)}
+        except Timeout:
             outcome = {
                 "ok": False,
-                "error": "the server closed the connection before the handoff was decided;"
-                f" pid {after['pid']} (generation {after['generation']}) serves",
+                "error": f"no outcome within {args.timeout:g} s; see `graceful-ctl status`",
             }
-    except amp.UnhandledCommand:
-        raise CtlError("the server does not know how to restart (an older version?)") from None
-    finally:
-        hangUp(protocol)
+        except ConnectionClosed:
+            # The server may have exited right after its successor took over, before our
+            # answer left: whoever serves now tells.
+            after = fetchStatus(path, Deadline(STATUS_TIMEOUT, overall))
+            if after["generation"] > before["generation"]:
+                outcome = {
+                    "ok": True,
+                    "pid": after["pid"],
+                    "generation": after["generation"],
+                    "ms": (time.monotonic() - sentAt) * 1000,
+                }
+            else:
+                outcome = {
+                    "ok": False,
+                    "error": "the server closed the connection before the handoff was decided;"
+                    f" pid {after['pid']} (generation {after['generation']}) serves",
+                }
+        except Unhandled:
+            raise CtlError("the server does not know how to restart (an older version?)") from None
     outcome["phases"] = phases
     outcome["previous"] = {"pid": before["pid"], "generation": before["generation"]}
     if args.json:
-        print(json.dumps(outcome, sort_keys=True))
+        print(toJson(outcome))
     elif outcome["ok"]:
         took = f" in {outcome['ms']:.1f} ms"
         print(
@@ -275,16 +217,19 @@ def formatWatch(status: dict[str, Any]) -> str:
     return line
 
 
-async def watch(reactor: Any, path: str, args: argparse.Namespace) -> int:
+def watch(path: str, args: argparse.Namespace) -> int:
     """
     Print the sessions of each generation as they change, until none drains.
 
     @return: 0 once nothing drains; 1 if something still drains after C{args.timeout} seconds.
     """
-    deadline = time.monotonic() + args.timeout
+    overall = Deadline(args.timeout)
     last: Any = None
     while True:
-        status = await fetchStatus(reactor, path)
+        # Each look is bounded by STATUS_TIMEOUT and by what is left of the timeout, but gets
+        # at least LAST_LOOK (the look that follows the deadline decides too).
+        left = overall.remaining()
+        status = fetchStatus(path, Deadline(min(STATUS_TIMEOUT, max(left, LAST_LOOK))))
         key = (
             status["pid"],
             status["state"],
@@ -294,39 +239,43 @@ async def watch(reactor: Any, path: str, args: argparse.Namespace) -> int:
         if key != last:
             last = key
             if args.json:
-                print(json.dumps(status, sort_keys=True), flush=True)
+                print(toJson(status), flush=True)
             else:
                 print(formatWatch(status), flush=True)
         if not status["draining"]:
             return 0
-        if time.monotonic() > deadline:
+        if overall.remaining() < 0:
             print(f"graceful-ctl: still draining after {args.timeout:g} s", file=sys.stderr)
             return 1
-        await deferLater(reactor, args.interval, lambda: None)
+        time.sleep(args.interval)
 
 
-async def run(reactor: Any, args: argparse.Namespace) -> int:
+def stop(path: str, args: argparse.Namespace) -> int:
+    """
+    Ask the server at C{path} to stop gracefully.
+    """
+    deadline = Deadline(args.timeout)
+    with Connection.open(path, deadline) as connection:
+        connection.call(Stop, deadline, drainTimeout=args.drain_timeout)
+    if args.json:
+        print(toJson({"stopping": True}))
+    else:
+        print(f"stopping the server at {path}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
     path = os.path.abspath(args.control)
     if args.command == "restart":
-        return await restart(reactor, path, args)
+        return restart(path, args)
     if args.command == "watch":
-        return await watch(reactor, path, args)
+        return watch(path, args)
     if args.command == "status":
-        status = await fetchStatus(reactor, path)
-        print(json.dumps(status, sort_keys=True) if args.json else formatStatus(status))
+        status = fetchStatus(path, Deadline(args.timeout))
+        print(toJson(status) if args.json else formatStatus(status))
         return 0
     if args.command == "stop":
-        protocol = await connect(reactor, path)
-        kw = {} if args.drain_timeout is None else {"drainTimeout": args.drain_timeout}
-        try:
-            await call(protocol, Stop, **kw)
-        finally:
-            hangUp(protocol)
-        if args.json:
-            print(json.dumps({"stopping": True}))
-        else:
-            print(f"stopping the server at {path}")
-        return 0
+        return stop(path, args)
     raise CtlError(f"unknown command {args.command!r}")
 
 
@@ -346,6 +295,12 @@ def parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
     )
+    status.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=STATUS_TIMEOUT,
+        help="seconds the server has to answer (default: %(default)g)",
+    )
     stop = sub.add_parser("stop", help="stop gracefully: stop accepting, drain, exit")
     stop.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output"
@@ -355,6 +310,12 @@ def parser() -> argparse.ArgumentParser:
         type=_seconds,
         default=None,
         help="seconds to drain (default: the server's)",
+    )
+    stop.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=STATUS_TIMEOUT,
+        help="seconds the server has to answer (default: %(default)g)",
     )
     restart = sub.add_parser(
         "restart",
@@ -368,6 +329,11 @@ def parser() -> argparse.ArgumentParser:
         type=_seconds,
         default=120.0,
         help="seconds to wait for the outcome (default: 120)",
+    )
+    restart.add_argument(
+        "--fresh",
+        action="store_true",
+        help="have the server replace its fork server before starting the successor",
     )
     watch = sub.add_parser(
         "watch", help="show sessions per generation as they change, until none drains"
@@ -394,33 +360,23 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, not {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected more than 0 seconds, not {text!r}")
+    if not value <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"expected at most {MAX_SECONDS:.0f} seconds (a year), not {text!r}"
+        )
     return value
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    from twisted.internet import reactor
-
-    result: dict[str, int] = {"code": 1}
-
-    def done(code: int) -> None:
-        result["code"] = code
-
-    def failed(failure: Any) -> None:
-        if failure.check(CtlError):
-            print(f"graceful-ctl: {failure.getErrorMessage()}", file=sys.stderr)
-        else:
-            print(
-                f"graceful-ctl: unexpected error: {failure.type.__name__}:"
-                f" {failure.getErrorMessage()}",
-                file=sys.stderr,
-            )
-
-    def start() -> None:
-        d = Deferred.fromCoroutine(run(reactor, args))
-        d.addCallbacks(done, failed)
-        d.addBoth(lambda _: reactor.stop())  # type: ignore[attr-defined]
-
-    reactor.callWhenRunning(start)  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
-    sys.exit(result["code"])
+    try:
+        code = run(args)
+    except CtlError as e:
+        print(f"graceful-ctl: {e}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    except Exception as e:
+        print(f"graceful-ctl: unexpected error: {type(e).__name__}: {e}", file=sys.stderr)
+        code = 1
+    sys.exit(code)
