@@ -91,6 +91,9 @@ _generationEntry: Schema = (
     (b"generation", Integer()),
     (b"state", Unicode()),
     (b"sessions", Integer()),
+    # Optional: seconds spent draining so far, and the live sessions by listener.
+    (b"since", Float(optional=True)),
+    (b"listeners", AmpList(((b"name", Unicode()), (b"sessions", Integer())), optional=True)),
 )
 
 _phaseEntry: Schema = (
@@ -117,11 +120,20 @@ Status = Command(
                     (b"address", Unicode()),
                     (b"accepting", Boolean()),
                     (b"sessions", Integer()),
+                    (b"connections", Integer(optional=True)),
                 )
             ),
         ),
         (b"draining", AmpList(_generationEntry)),
         (b"next", Integer(optional=True)),
+        (b"drainingGenerations", Integer(optional=True)),
+        (b"handoffs", AmpList(((b"outcome", Unicode()), (b"total", Integer())), optional=True)),
+        (
+            b"timings",
+            AmpList(
+                ((b"name", Unicode()), (b"count", Integer()), (b"sum", Float())), optional=True
+            ),
+        ),
     ),
 )
 

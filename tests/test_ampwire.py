@@ -185,8 +185,10 @@ def _roundTrips(name: bytes, part: str) -> None:
         sendable = {k: v for k, v in values.items() if k.encode() in known}
         raw = encodeBox(encodeValues(ourSchema, sendable))
         parsed = parseTwisted(amp.parseString(raw)[0], None)
+        # (Twisted reads an optional field left out of a list item as None.)
+        expected = _known(ourSchema, sendable)
         for key in sendable:
-            assert _same(parsed[key], sendable[key])
+            assert _same(parsed[key], expected[key])
 
     check()
 
@@ -235,7 +237,7 @@ class FutureStatus(amp.Command):
                 [*dict(control.Status.response)[b"listeners"].subargs, (b"bytes", amp.Integer())]
             ),
         ),
-        (b"draining", amp.AmpList([*control._generationEntry, (b"since", amp.Float())])),
+        (b"draining", amp.AmpList([*control._generationEntry, (b"cpu", amp.Float())])),
         (b"requests", amp.Integer()),
         (b"p99", amp.Float()),
         (b"healthy", amp.Boolean()),
@@ -265,9 +267,7 @@ def test_newFieldsPassThrough() -> None:
                 "bytes": 12345,
             }
         ],
-        "draining": [
-            {"pid": 9, "generation": 1, "state": "draining", "sessions": 1, "since": 0.25}
-        ],
+        "draining": [{"pid": 9, "generation": 1, "state": "draining", "sessions": 1, "cpu": 0.25}],
         "requests": 77,
         "p99": 1e-05,
         "healthy": False,
@@ -277,8 +277,16 @@ def test_newFieldsPassThrough() -> None:
     decoded = decodeValues(
         ctlclient.Status.response, _wire(FutureStatus.makeResponse(values, None))
     )
-    decoded.pop("next")
-    assert _same(decoded, values)
+    # (Optional fields the server left out come out as None.)
+    assert _same(_withoutNone(decoded), values)
+
+
+def _withoutNone(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _withoutNone(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_withoutNone(v) for v in value]
+    return value
 
 
 def test_guessedValues() -> None:
