@@ -25,7 +25,9 @@ a test run hundreds of real takeovers without paying for Python's start-up each 
     python -m tests.fake_successor LISTEN_PATH predecessor:KIND
 
 A fake predecessor listening at LISTEN_PATH: KIND ``version`` answers Hello with a VERSION error;
-``pipe`` and ``udp`` hand over a pipe or a UDP socket as if it were a TCP listener.
+``pipe`` and ``udp`` hand over a pipe or a UDP socket as if it were a TCP listener;
+``blocking`` hands over a blocking TCP listener (the port in ``PORT``) and a blocking control
+listener (``LISTEN_PATH.ctl``), then answers Commit and Accepting like a real predecessor.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from graceful_plugin.control import (
 
 STEPS = ("connected", "hello", "fds", "adopted", "commit")
 REAL_POINTS = ("ready", "committed", "accepting")
-PREDECESSORS = ("version", "pipe", "udp")
+PREDECESSORS = ("version", "pipe", "udp", "blocking")
 
 
 def reached(step: str, detail: str = "") -> None:
@@ -202,9 +204,10 @@ def zygote(path: str) -> None:
 
 
 class _FakePredecessor(amp.AMP):
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, path: str = "") -> None:
         super().__init__()
         self.kind = kind
+        self.path = path
 
     @Hello.responder
     def hello(self, version: int, pid: int) -> dict[str, Any]:
@@ -217,6 +220,8 @@ class _FakePredecessor(amp.AMP):
 
     @TakeOver.responder
     def takeOver(self, start: int) -> dict[str, Any]:
+        if self.kind == "blocking":
+            return {"listeners": self._blockingListeners(), "next": -1}
         if self.kind == "pipe":
             fd, other = os.pipe()
             print(f"handing over pipe {fd}", flush=True)
@@ -229,6 +234,33 @@ class _FakePredecessor(amp.AMP):
             "listeners": [{"name": "web", "kind": "tcp", "address": "127.0.0.1:1", "fd": fd}],
             "next": -1,
         }
+
+    def _blockingListeners(self) -> list[dict[str, Any]]:
+        web = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        web.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        web.bind(("127.0.0.1", int(os.environ["PORT"])))
+        web.listen(128)
+        ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        ctlPath = self.path + ".ctl"
+        ctl.bind(ctlPath)
+        ctl.listen(16)
+        for sock in (web, ctl):
+            assert sock.getblocking()
+        print("handing over blocking listeners", flush=True)
+        address = f"127.0.0.1:{web.getsockname()[1]}"
+        return [
+            {"name": "web", "kind": "tcp", "address": address, "fd": web.detach()},
+            {"name": "control", "kind": "control", "address": ctlPath, "fd": ctl.detach()},
+        ]
+
+    @Commit.responder
+    def commit(self, dropped: list[str] | None = None) -> dict[str, Any]:
+        return {"confirmWithin": 10.0}
+
+    @control.Accepting.responder
+    def accepting(self) -> dict[str, Any]:
+        print("successor accepting", flush=True)
+        return {}
 
     @control.Abort.responder
     def abort(self, reason: str) -> dict[str, Any]:
@@ -245,7 +277,7 @@ def predecessor(reactor: Any, path: str, kind: str) -> defer.Deferred[None]:
     from twisted.internet.protocol import Factory
 
     endpoint = UNIXServerEndpoint(reactor, path)
-    d = endpoint.listen(Factory.forProtocol(lambda: _FakePredecessor(kind)))
+    d = endpoint.listen(Factory.forProtocol(lambda: _FakePredecessor(kind, path)))
     d.addCallback(lambda _: reached("listening"))
     return defer.Deferred()
 
