@@ -37,6 +37,7 @@ from graceful_plugin.control import (
     RolledBack,
     TakeOver,
     VersionMismatch,
+    peerCredentials,
 )
 from graceful_plugin.listeners import (
     ListenerSpec,
@@ -120,6 +121,22 @@ def idleChildren() -> Iterator[None]:
         os.sched_setscheduler(0, before, os.sched_param(0))
 
 
+def serverIdentityProblem(
+    peer: tuple[int, int, int] | None, ownUid: int | None = None
+) -> str | None:
+    """
+    What is wrong with the process serving the control path (from C{SO_PEERCRED}), in words;
+    L{None} when it runs as our uid or as root, the only servers we take over from.
+    """
+    own = os.getuid() if ownUid is None else ownUid
+    if peer is None:
+        return "cannot be identified (no SO_PEERCRED)"
+    pid, uid, _gid = peer
+    if uid in (own, 0):
+        return None
+    return f"(pid {pid}) runs as uid {uid}, not as uid {own} or root"
+
+
 def _timed(d: Deferred[Any], seconds: float, reactor: Any) -> Deferred[Any]:
     return d.addTimeout(seconds, reactor)
 
@@ -145,6 +162,11 @@ async def takeOver(server: GracefulServer) -> None:
     except ConnectError as e:
         raise TakeoverFailed(f"no server answers at {path} ({e.__class__.__name__})") from None
     assert isinstance(link, ControlProtocol) and link.transport is not None
+    problem = serverIdentityProblem(peerCredentials(link.transport))
+    if problem is not None:
+        # Before Hello: nothing was asked of it and nothing is adopted.
+        link.transport.loseConnection()
+        raise TakeoverFailed(f"the server at {path} {problem}; not taking over from it")
     server.adoptPredecessorLink(link)
     deadline = settings.handoffTimeout
     try:

@@ -160,4 +160,3 @@ def test_claimReplacesAFileOfAnotherUser(workdir: Path) -> None:
     assert st.st_mode & 0o777 == 0o644
     assert path.read_text() == "4321\n"
     assert sorted(os.listdir(workdir)) == ["app.pid"]
-
