@@ -5,6 +5,7 @@ admin command is defined here, one class each, with the protocol that carries th
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import struct
@@ -51,6 +52,52 @@ class RolledBack(Exception):
     """
 
 
+class BadArgument(Exception):
+    """
+    A command carried a value out of its range (a negative index, a drain deadline that is not
+    a finite number of seconds, a pid that is no pid): nothing was done.
+    """
+
+
+#: The longest drain deadline a Stop may ask for (a year): longer ones overflow the reactor.
+MAX_SECONDS = 365 * 24 * 3600.0
+
+
+def checkIndex(name: str, value: int) -> int:
+    """
+    C{value} if it is a valid batch index (0 or more).
+
+    @raise BadArgument: otherwise.
+    """
+    if value < 0:
+        raise BadArgument(f"{name} must be 0 or more, not {value}")
+    return value
+
+
+def checkPid(name: str, value: int) -> int:
+    """
+    C{value} if it can be a process id (more than 0).
+
+    @raise BadArgument: otherwise.
+    """
+    if value <= 0:
+        raise BadArgument(f"{name} must be a process id (more than 0), not {value}")
+    return value
+
+
+def checkSeconds(name: str, value: float) -> float:
+    """
+    C{value} if it is a finite number of seconds from 0 to L{MAX_SECONDS}.
+
+    @raise BadArgument: otherwise (NaN, infinite, negative or too long).
+    """
+    if not math.isfinite(value) or not 0 <= value <= MAX_SECONDS:
+        raise BadArgument(
+            f"{name} must be a number of seconds from 0 to {MAX_SECONDS:g}, not {value!r}"
+        )
+    return value
+
+
 class Hello(amp.Command):
     """
     A successor introduces itself and asks to take over; the first command on a handoff.
@@ -62,7 +109,12 @@ class Hello(amp.Command):
         (b"pid", amp.Integer()),
         (b"generation", amp.Integer()),
     ]
-    errors = {HandoffBusy: b"BUSY", VersionMismatch: b"VERSION", NoHandoff: b"NO_HANDOFF"}
+    errors = {
+        HandoffBusy: b"BUSY",
+        VersionMismatch: b"VERSION",
+        NoHandoff: b"NO_HANDOFF",
+        BadArgument: b"BAD_ARGUMENT",
+    }
 
 
 class TakeOver(amp.Command):
@@ -88,7 +140,7 @@ class TakeOver(amp.Command):
         ),
         (b"next", amp.Integer()),
     ]
-    errors = {NoHandoff: b"NO_HANDOFF"}
+    errors = {NoHandoff: b"NO_HANDOFF", BadArgument: b"BAD_ARGUMENT"}
 
 
 class Commit(amp.Command):
@@ -177,6 +229,7 @@ class Status(amp.Command):
         (b"draining", amp.AmpList(_generationEntry)),
         (b"next", amp.Integer(optional=True)),
     ]
+    errors = {BadArgument: b"BAD_ARGUMENT"}
 
 
 class Stop(amp.Command):
@@ -186,6 +239,7 @@ class Stop(amp.Command):
 
     arguments = [(b"drainTimeout", amp.Float(optional=True))]
     response = []
+    errors = {BadArgument: b"BAD_ARGUMENT"}
 
 
 class RestartFailed(Exception):
@@ -429,11 +483,11 @@ class ControlProtocol(amp.AMP):
 
     @Hello.responder
     def _hello(self, version: int, pid: int) -> dict[str, Any]:
-        return self.handler.hello(self, version, pid)
+        return self.handler.hello(self, version, checkPid("pid", pid))
 
     @TakeOver.responder
     def _takeOver(self, start: int) -> dict[str, Any]:
-        return self.handler.takeOver(self, start)
+        return self.handler.takeOver(self, checkIndex("start", start))
 
     @Commit.responder
     def _commit(self, dropped: list[str] | None = None) -> dict[str, Any]:
@@ -449,15 +503,30 @@ class ControlProtocol(amp.AMP):
 
     @ReportSessions.responder
     def _reportSessions(self, generations: list[dict[str, Any]]) -> dict[str, Any]:
+        try:
+            for entry in generations:
+                checkPid("pid", entry["pid"])
+                checkIndex("generation", entry["generation"])
+                checkIndex("sessions", entry["sessions"])
+        except BadArgument as e:
+            # Nobody awaits an answer: the report is dropped, and nothing changes.
+            self.log.warn(
+                "control connection from pid {pid}: ignoring a session report: {error}",
+                pid=self._peerPid(),
+                error=str(e),
+            )
+            return {}
         self.handler.reportSessions(self, generations)
         return {}
 
     @Status.responder
     def _status(self, start: int | None = None) -> dict[str, Any]:
-        return self.handler.status(self, start or 0)
+        return self.handler.status(self, checkIndex("start", start or 0))
 
     @Stop.responder
     def _stop(self, drainTimeout: float | None = None) -> dict[str, Any]:
+        if drainTimeout is not None:
+            checkSeconds("drainTimeout", drainTimeout)
         return self.handler.stop(self, drainTimeout)
 
     @Restart.responder
