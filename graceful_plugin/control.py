@@ -101,9 +101,18 @@ def checkSeconds(name: str, value: float) -> float:
 class Hello(amp.Command):
     """
     A successor introduces itself and asks to take over; the first command on a handoff.
+
+    C{standby} (optional, so that either side may be older) says that the successor will send
+    L{StandDown} when it stops on purpose or hands over in turn: only then does the predecessor
+    stand by (keep paused copies of the listeners, and resume if the successor is lost) once
+    the successor confirmed.
     """
 
-    arguments = [(b"version", amp.Integer()), (b"pid", amp.Integer())]
+    arguments = [
+        (b"version", amp.Integer()),
+        (b"pid", amp.Integer()),
+        (b"standby", amp.Boolean(optional=True)),
+    ]
     response = [
         (b"version", amp.Integer()),
         (b"pid", amp.Integer()),
@@ -175,6 +184,19 @@ class Abort(amp.Command):
     arguments = [(b"reason", amp.Unicode())]
     response = []
     errors = {NoHandoff: b"NO_HANDOFF"}
+
+
+class StandDown(amp.Command):
+    """
+    A successor tells the predecessor standing by for it that it will not be needed: it stops
+    on purpose (the operator wants the service down), or a newer generation has committed to
+    take over from it.  The predecessor releases its paused copies of the listeners and drains
+    on.  Sent only by a successor that said C{standby} in its L{Hello}; an older predecessor
+    answers it UNHANDLED, which changes nothing.
+    """
+
+    arguments = [(b"reason", amp.Unicode())]
+    response = []
 
 
 _generationEntry = [
@@ -312,9 +334,10 @@ class IControlHandler(Interface):
         Answer L{TakeOver}.
         """
 
-    def commit(protocol: ControlProtocol, dropped: list[str] | None = None) -> dict[str, Any]:
+    def commit(protocol: ControlProtocol, dropped: list[str] | None = None) -> Any:
         """
-        Answer L{Commit}; C{dropped} names the listeners the successor did not keep.
+        Answer L{Commit} (a L{Deferred} firing with the answer); C{dropped} names the listeners
+        the successor did not keep.
         """
 
     def accepting(protocol: ControlProtocol) -> dict[str, Any]:
@@ -330,6 +353,11 @@ class IControlHandler(Interface):
     def reportSessions(protocol: ControlProtocol, generations: list[dict[str, Any]]) -> None:
         """
         Take a L{ReportSessions}.
+        """
+
+    def standDown(protocol: ControlProtocol, reason: str) -> dict[str, Any]:
+        """
+        Answer L{StandDown}.
         """
 
     def status(protocol: ControlProtocol, start: int) -> dict[str, Any]:
@@ -375,6 +403,8 @@ class ControlProtocol(amp.AMP):
         self.checkPeer = checkPeer
         self.peer: tuple[int, int, int] | None = None
         self.openedAt = time.monotonic()
+        #: Whether the peer said in its Hello that it sends L{StandDown}.
+        self.sendsStandDown = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -482,15 +512,17 @@ class ControlProtocol(amp.AMP):
         return parsed
 
     @Hello.responder
-    def _hello(self, version: int, pid: int) -> dict[str, Any]:
-        return self.handler.hello(self, version, checkPid("pid", pid))
+    def _hello(self, version: int, pid: int, standby: bool | None = None) -> dict[str, Any]:
+        answer = self.handler.hello(self, version, checkPid("pid", pid))
+        self.sendsStandDown = bool(standby)
+        return answer
 
     @TakeOver.responder
     def _takeOver(self, start: int) -> dict[str, Any]:
         return self.handler.takeOver(self, checkIndex("start", start))
 
     @Commit.responder
-    def _commit(self, dropped: list[str] | None = None) -> dict[str, Any]:
+    def _commit(self, dropped: list[str] | None = None) -> Any:
         return self.handler.commit(self, dropped or [])
 
     @Accepting.responder
@@ -518,6 +550,10 @@ class ControlProtocol(amp.AMP):
             return {}
         self.handler.reportSessions(self, generations)
         return {}
+
+    @StandDown.responder
+    def _standDown(self, reason: str) -> dict[str, Any]:
+        return self.handler.standDown(self, reason)
 
     @Status.responder
     def _status(self, start: int | None = None) -> dict[str, Any]:
@@ -549,7 +585,7 @@ class ClientHandler:
     def _refuse(self, *args: Any) -> dict[str, Any]:
         raise NoHandoff("this end of the control channel does not serve")
 
-    hello = takeOver = commit = accepting = abort = status = stop = restart = _refuse
+    hello = takeOver = commit = accepting = abort = status = stop = restart = standDown = _refuse
 
     def reportSessions(self, protocol: ControlProtocol, generations: list[dict[str, Any]]) -> None:
         pass

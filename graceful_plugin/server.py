@@ -48,6 +48,7 @@ from graceful_plugin.machine import (
     IGenerationEffects,
     makeGeneration,
 )
+from graceful_plugin.standby import Standby, tellStandDown
 
 Port = AdoptedTCPPort | AdoptedUNIXPort
 
@@ -153,6 +154,8 @@ class GracefulServer(service.Service):
         self.restarter = Restarter(self)
         #: Told of every transition (L{graceful_plugin.lifecycle.IGenerationObserver}).
         self.observers: list[Any] = [self.restarter]
+        #: Our hot standby for a successor that confirmed (L{graceful_plugin.standby}).
+        self.standby = Standby(reactor)
 
     def _tell(self, event: str, *args: Any) -> None:
         """
@@ -400,8 +403,16 @@ class GracefulServer(service.Service):
                 )
             return succeed(None)
         self._stopping = True
-        self.machine.stop()
-        return self._terminated
+        machine = self.machine
+        # The operator wants the service down: the predecessor standing by for us must not
+        # resume.  Tell it (and hear it answer, briefly) before our listeners close.
+        told = tellStandDown(
+            list(self._predecessors),
+            f"generation {self.generation} (pid {os.getpid()}) is stopping",
+            self.reactor,
+        )
+        told.addCallback(lambda _: machine.stop())
+        return told.addCallback(lambda _: self._terminated)
 
     def stopGracefully(self, drainTimeout: float | None = None) -> None:
         """
@@ -425,7 +436,10 @@ class GracefulServer(service.Service):
             port.resumeAccepting()
 
     def releaseListeners(self) -> None:
+        self.standby.unwatch()
         for port in self._allPorts():
+            if not port.connected:
+                continue  # closed already (dropped by the successor, at standBy)
             if port.name in self._dropped and port is not self.controlPort:
                 self.log.info(
                     "closing listener {name} ({address}): the successor dropped it",
@@ -435,6 +449,58 @@ class GracefulServer(service.Service):
                 self._closing.append(port.close())
             else:
                 self._closing.append(port.release())
+
+    def standBy(self) -> None:
+        for port in self.ports:
+            if port.name in self._dropped:
+                self.log.info(
+                    "closing listener {name} ({address}): the successor dropped it",
+                    name=port.name,
+                    address=portAddress(port),
+                )
+                self._closing.append(port.close())
+        self.standby.watch(
+            self._successorPid,
+            self.settings.pidfile,
+            lambda reason: self.machine.successorLost(reason) if self.machine else None,
+        )
+
+    def resumed(self, reason: str) -> None:
+        successor, self._successor = self._successor, None
+        self._draining = False
+        self._handedOver = False
+        self._dropped = set()
+        self.settings.pidfile = self.standby.pidfilePath
+        if self.controlPort is not None:
+            kept = self.controlPort
+            self.controlPort = self.standby.reclaim(
+                kept, self.settings.controlPath, self._rebindControl
+            )
+            if self.controlPort is not kept:
+                self.controlPort.resumeAccepting()
+        self.log.warn(
+            "generation {generation} (pid {pid}) resumed serving: {reason}; the successor"
+            " (pid {successor}) is lost",
+            generation=self.generation,
+            pid=os.getpid(),
+            reason=reason,
+            successor=self._successorPid,
+        )
+        if successor is not None and successor.transport is not None:
+            self.reactor.callLater(0, successor.transport.loseConnection)
+        self._tell("resumed", reason)
+
+    def _rebindControl(self) -> Port:
+        from graceful_plugin.listeners import _removeStaleSocket
+
+        _removeStaleSocket(self.settings.controlPath)
+        port = self._bindAndAdopt(
+            ListenerSpec(name="control", kind="unix", path=self.settings.controlPath, mode=0o600),
+            self._controlFactory(),
+            kind=CONTROL_KIND,
+        )
+        port.sessions.observe(self._sessionsChanged)
+        return port
 
     def closeListeners(self) -> None:
         # Only a stop closes listeners for good (a handoff releases them).
@@ -670,7 +736,9 @@ class GracefulServer(service.Service):
             "next": nextStart if nextStart < len(ports) else -1,
         }
 
-    def commit(self, protocol: ControlProtocol, dropped: list[str] | None = None) -> dict[str, Any]:
+    def commit(
+        self, protocol: ControlProtocol, dropped: list[str] | None = None
+    ) -> Deferred[dict[str, Any]]:
         machine = self._requireSuccessor(protocol)
         # Listeners the successor does not keep: closed for good once it accepts.
         self._dropped = set(dropped or [])
@@ -684,13 +752,37 @@ class GracefulServer(service.Service):
             generation=self.generation,
         )
         self._tell("handoffPaused", self._successorPid)
-        return {"confirmWithin": self.settings.confirmTimeout}
+        # A newer generation takes over: the one standing by for us will not be needed (and
+        # must not resume should we die before our successor confirms).  Answer once it knows.
+        told = tellStandDown(
+            list(self._predecessors),
+            f"generation {self.generation + 1} (pid {self._successorPid}) takes over from"
+            f" generation {self.generation}",
+            self.reactor,
+        )
+        return told.addCallback(lambda _: {"confirmWithin": self.settings.confirmTimeout})
 
     def accepting(self, protocol: ControlProtocol) -> dict[str, Any]:
         if protocol is not self._successor or self.machine is None:
             raise RolledBack("the handoff was rolled back; the predecessor serves on")
-        if not self.machine.successorAccepting() and not self._handedOver:
+        if self.machine.successorAccepting():
+            if not protocol.sendsStandDown:
+                # An older successor never says when it stops: standing by for it could resume
+                # a service the operator stopped.
+                self.log.info(
+                    "not standing by: the successor (an older version) does not send StandDown"
+                )
+                self.machine.standDown()
+        elif not self._handedOver:
             raise RolledBack(f"the handoff was rolled back: server {self.machine.describe()}")
+        return {}
+
+    def standDown(self, protocol: ControlProtocol, reason: str) -> dict[str, Any]:
+        if protocol is self._successor and self.machine is not None:
+            self.log.info(
+                "no longer standing by: {reason}", reason=reason, generation=self.generation
+            )
+            self.machine.standDown()
         return {}
 
     def abort(self, protocol: ControlProtocol, reason: str) -> dict[str, Any]:

@@ -171,7 +171,9 @@ async def takeOver(server: GracefulServer) -> None:
     deadline = settings.handoffTimeout
     try:
         hello = await _timed(
-            link.callRemote(Hello, version=PROTOCOL_VERSION, pid=os.getpid()), deadline, reactor
+            link.callRemote(Hello, version=PROTOCOL_VERSION, pid=os.getpid(), standby=True),
+            deadline,
+            reactor,
         )
     except (HandoffBusy, VersionMismatch) as e:
         link.transport.loseConnection()

@@ -14,7 +14,8 @@ The real takeover code (L{graceful_plugin.takeover}) serving the demo applicatio
 itself with SIGSTOP at POINT and carries on when it gets SIGCONT: ``ready`` (the application's
 readiness hook, before Commit), ``committed`` (the Commit answer just arrived) or ``accepting``
 (accepting, about to send Accepting).  It prints ``reached POINT`` first and exits with the
-server's exit code.
+server's exit code.  ``confirmed`` is the odd one: the process kills itself with SIGKILL the
+moment the answer to its Accepting arrives.
 
     python -m tests.fake_successor CONTROL_PATH zygote
 
@@ -56,7 +57,7 @@ from graceful_plugin.control import (
 )
 
 STEPS = ("connected", "hello", "fds", "adopted", "commit")
-REAL_POINTS = ("ready", "committed", "accepting")
+REAL_POINTS = ("ready", "committed", "accepting", "confirmed")
 PREDECESSORS = ("version", "pipe", "udp", "blocking")
 
 
@@ -129,13 +130,15 @@ def runGeneration(reactor: Any, path: str, pidfile: str = "", point: str = "") -
     ready = (lambda: stopHere("ready")) if point == "ready" else None
     server = GracefulServer(settings, demoSite(lambda: holder["server"].generation), reactor, ready)
     holder["server"] = server
-    if point in ("committed", "accepting"):
+    if point in ("committed", "accepting", "confirmed"):
         original = ControlProtocol.callRemote
 
         def callRemote(self: ControlProtocol, command: Any, **kw: Any) -> Any:
             if command is control.Accepting and point == "accepting":
                 stopHere(point)
             d = original(self, command, **kw)
+            if command is control.Accepting and point == "confirmed":
+                d.addCallback(lambda _: os.kill(os.getpid(), signal.SIGKILL))
             if command is Commit and point == "committed":
 
                 def stop(answer: Any) -> Any:
