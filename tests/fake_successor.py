@@ -213,7 +213,7 @@ class _FakePredecessor(amp.AMP):
         self.path = path
 
     @Hello.responder
-    def hello(self, version: int, pid: int) -> dict[str, Any]:
+    def hello(self, version: int, pid: int, standby: bool | None = None) -> dict[str, Any]:
         if self.kind == "version":
             raise control.VersionMismatch(
                 f"this server speaks control protocol {PROTOCOL_VERSION + 1}, the successor"

@@ -114,3 +114,60 @@ def test_successorKilledAfterConfirmIsUndone(
     code, body = httpGet("127.0.0.1", port, "/")
     assert code == 200 and f"pid {third.pid}".encode() in body
     assert "Traceback" not in first.text()
+
+
+@pytest.mark.slow
+def test_successorStoppedOnPurposeDoesNotResumeThePredecessor(
+    procs: Processes, workdir: Path
+) -> None:
+    """
+    A successor stopped with SIGTERM while its predecessor stands by tells it so first: the
+    predecessor stands down and drains on without resuming, the service is down (connections
+    refused, the control socket gone), and the predecessor exits once its session ends.
+    """
+    port = freePort()
+    first = procs.server(_portArgs(port), "gen1").start()
+    first.waitServing()
+    held = _holdSession(port)
+    second = procs.server(["--takeover", "c.sock"], "gen2").start()
+    first.waitFor(rf"handoff to pid {second.pid} confirmed")
+    second.signal(signal.SIGTERM)
+    assert second.wait(30) == 0
+    first.waitFor(rf"no longer standing by: generation 2 \(pid {second.pid}\) is stopping")
+    with pytest.raises(ConnectionRefusedError):
+        httpGet("127.0.0.1", port, "/", timeout=5)
+    assert not (workdir / "c.sock").exists()
+    held.close()
+    assert first.wait(30) == 0
+    assert "resumed serving" not in first.text()
+
+
+@pytest.mark.slow
+def test_onlyTheDirectPredecessorStandsBy(procs: Processes, workdir: Path) -> None:
+    """
+    Over two handoffs (1 -> 2 -> 3), generation 1 is told to stand down when 3 commits; when 3
+    is killed, generation 2 resumes and generation 1 does not (one generation accepts), and 1
+    still drains its session.
+    """
+    port = freePort()
+    first = procs.server(_portArgs(port), "gen1").start()
+    first.waitServing()
+    held1 = _holdSession(port)
+    second = procs.server(["--takeover", "c.sock"], "gen2").start()
+    first.waitFor(rf"handoff to pid {second.pid} confirmed")
+    held2 = _holdSession(port)
+    third = procs.server(["--takeover", "c.sock"], "gen3").start()
+    second.waitFor(rf"handoff to pid {third.pid} confirmed")
+    first.waitFor(r"no longer standing by: generation 3 \(pid %d\) takes over" % third.pid)
+    third.kill()
+    second.waitFor(r"generation 2 \(pid %d\) resumed serving" % second.pid)
+    _, body = _firstAnswerAfter(port)
+    assert f"pid {second.pid}".encode() in body
+    status = _status(workdir)
+    assert status["pid"] == second.pid and status["state"] == "serving"
+    assert (workdir / "app.pid").read_text().strip() == str(second.pid)
+    assert "resumed serving" not in first.text()
+    assert first.process is not None and first.process.poll() is None
+    held1.close()
+    assert first.wait(30) == 0
+    held2.close()
