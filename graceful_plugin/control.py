@@ -162,7 +162,9 @@ class Commit(amp.Command):
     """
 
     arguments = [(b"dropped", amp.ListOf(amp.Unicode(), optional=True))]
-    response = [(b"confirmWithin", amp.Float())]
+    # waited: seconds the predecessor spent before pausing (telling its own predecessor to stand
+    # down), which count in the successor's round trip but not against confirmWithin.
+    response = [(b"confirmWithin", amp.Float()), (b"waited", amp.Float(optional=True))]
     errors = {NoHandoff: b"NO_HANDOFF"}
 
 

@@ -171,7 +171,7 @@ class GenerationCore:
     clock: IReactorTime
     effects: IGenerationEffects
     handoffTimeout: float = 30.0
-    confirmTimeout: float = 10.0
+    confirmTimeout: float = 0.5
     drainTimeout: float = 60.0
     drainEnds: float | None = None
 

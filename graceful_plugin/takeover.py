@@ -216,10 +216,15 @@ async def takeOver(server: GracefulServer) -> None:
         readyAt = time.monotonic()
         answer = await _timed(link.callRemote(Commit, dropped=dropped), deadline, reactor)
         committedAt = time.monotonic()
-        if committedAt - readyAt > answer["confirmWithin"] / 2:
+        # The predecessor's confirm deadline started when it paused, some time within our round
+        # trip (less what it says it waited before pausing).  If the round trip took more than
+        # half of the window, too little of it may be left to confirm: give up rather than risk
+        # accepting after the predecessor resumed.
+        late = committedAt - readyAt - (answer.get("waited") or 0.0)
+        if late > answer["confirmWithin"] / 2:
             raise TakeoverFailed(
-                f"the commit answer came {committedAt - readyAt:.1f} s late; the predecessor"
-                " may already have resumed"
+                f"the commit answer came {late:.1f} s late; the predecessor may already have"
+                " resumed"
             )
     except BaseException as e:
         for port in adopted:

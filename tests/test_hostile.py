@@ -146,3 +146,30 @@ def test_takeoverRefusesAServerOfAnotherUid(workdir: Path) -> None:
     assert "Traceback" not in output
     assert "serving on" not in output
     assert received and set(received) == {b"received 0"}
+
+
+@pytest.mark.slow
+def test_successorStalledAfterCommitCostsHalfASecondByDefault(
+    procs: Processes, workdir: Path
+) -> None:
+    """
+    With the default --confirm-timeout (0.5 s, from the measured confirmation time of a few
+    milliseconds), a successor stopped right after its commit is rolled back at 0.5 s and the
+    predecessor answers the connection that waited; resumed, the successor gives up.
+    """
+    port = freePort()
+    first = procs.server(
+        ["--port", f"tcp:{port}:interface=127.0.0.1", "--control", "c.sock"], "gen1"
+    ).start()
+    first.waitServing()
+    stalled = procs.fakeSuccessor("c.sock", "real:committed")
+    stalled.waitFor(r"reached committed")
+    code, body = httpGet("127.0.0.1", port, "/", timeout=20)
+    assert code == 200 and f"pid {first.pid}".encode() in body
+    first.waitFor(
+        rf"handoff to pid {stalled.pid} rolled back: the successor did not confirm accepting"
+        r" within 0.5 s"
+    )
+    stalled.signal(signal.SIGCONT)
+    assert stalled.wait(30) == 1
+    assert "serving on" not in stalled.text()

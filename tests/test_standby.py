@@ -25,7 +25,12 @@ from graceful_plugin.control import (
     Hello,
     StandDown,
 )
-from graceful_plugin.standby import Standby, controlPathProblem, tellStandDown
+from graceful_plugin.standby import (
+    STAND_DOWN_TIMEOUT,
+    Standby,
+    controlPathProblem,
+    tellStandDown,
+)
 from tests.test_control import ControlTestCase
 
 
@@ -264,12 +269,12 @@ class TellingTests(StandbyTestCase):
         linkPump.flush()
         pump.flush()
         self.assertEqual(predecessor.told, ["generation 2 (pid 4242) takes over from generation 1"])
-        self.assertEqual(answers, [{"confirmWithin": 10.0}])
+        self.assertEqual(answers, [{"confirmWithin": 10.0, "waited": 0.0}])
 
     def test_commitAnsweredWhenThePredecessorIsSilent(self) -> None:
         """
-        A predecessor that never answers StandDown delays the Commit answer by one second at
-        most.
+        A predecessor that never answers StandDown delays the Commit by the stand-down timeout
+        at most, and the confirm deadline starts only when we pause.
         """
         self.predecessorLink()
         client, _, pump = self.connect()
@@ -277,9 +282,14 @@ class TellingTests(StandbyTestCase):
         answers: list[Any] = []
         client.callRemote(Commit).addBoth(answers.append)
         pump.flush()
-        self.reactor.advance(1.0)
+        self.assertEqual(self.state(), "handing_off")
+        self.assertEqual(self.web.events, ["resume"])
+        self.reactor.advance(STAND_DOWN_TIMEOUT)
         pump.flush()
-        self.assertEqual(answers, [{"confirmWithin": 10.0}])
+        self.assertEqual(answers, [{"confirmWithin": 10.0, "waited": STAND_DOWN_TIMEOUT}])
+        self.assertEqual(self.state(), "committed")
+        self.reactor.advance(10.0 - 0.01)
+        self.assertEqual(self.state(), "committed")
 
     def test_stopTellsThePredecessorFirst(self) -> None:
         """
