@@ -12,6 +12,7 @@ import struct
 import time
 from typing import Any, cast
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import ITCPTransport
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -399,10 +400,14 @@ class ControlProtocol(amp.AMP):
 
     log = Logger()
 
-    def __init__(self, handler: IControlHandler, checkPeer: bool = False) -> None:
+    def __init__(
+        self, handler: IControlHandler, checkPeer: bool = False, limits: Any = None
+    ) -> None:
         super().__init__()
         self.handler = handler
         self.checkPeer = checkPeer
+        #: The listener's L{graceful_plugin.controlconn.ControlConnections}, if any.
+        self.limits = limits
         self.peer: tuple[int, int, int] | None = None
         self.openedAt = time.monotonic()
         #: Whether the peer said in its Hello that it sends L{StandDown}.
@@ -423,6 +428,8 @@ class ControlProtocol(amp.AMP):
                 )
                 self._dropConnection()
                 return
+        if self.limits is not None and not self.limits.opened(self):
+            return
         self.handler.connectionOpened(self)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
@@ -432,6 +439,8 @@ class ControlProtocol(amp.AMP):
             except OSError:
                 pass
         self._descriptors.clear()
+        if self.limits is not None:
+            self.limits.closed(self)
         super().connectionLost(reason)
         self.handler.connectionClosed(self, reason)
 
@@ -451,6 +460,13 @@ class ControlProtocol(amp.AMP):
                 error=f"{e.__class__.__name__}: {e}"[:200],
             )
             self._dropConnection()
+
+    def ampBoxReceived(self, box: amp.AmpBox) -> None:
+        # A complete command or answer: what keeps a connection from timing out (bytes that do
+        # not complete one do not).
+        if self.limits is not None:
+            self.limits.activity(self)
+        super().ampBoxReceived(box)
 
     def _dropConnection(self) -> None:
         """
@@ -501,7 +517,7 @@ class ControlProtocol(amp.AMP):
             try:
                 # Only the parsing of the arguments raises here; the responder's own errors
                 # arrive in its Deferred.
-                return responder(box)
+                answer = responder(box)
             except Exception as e:
                 reason = f"malformed {command} command ({e.__class__.__name__}: {e})"[:200]
                 self.log.warn(
@@ -510,6 +526,17 @@ class ControlProtocol(amp.AMP):
                     reason=reason,
                 )
                 raise amp.RemoteAmpError(b"MALFORMED", reason, fatal=True) from None
+            limits = self.limits
+            if limits is not None and isinstance(answer, Deferred) and not answer.called:
+                # Being answered (a restart takes seconds): the connection is not idle.
+                limits.started(self)
+
+                def finished(result: Any) -> Any:
+                    limits.finished(self)
+                    return result
+
+                answer.addBoth(finished)
+            return answer
 
         return parsed
 
@@ -517,6 +544,9 @@ class ControlProtocol(amp.AMP):
     def _hello(self, version: int, pid: int, standby: bool | None = None) -> dict[str, Any]:
         answer = self.handler.hello(self, version, checkPid("pid", pid))
         self.sendsStandDown = bool(standby)
+        if self.limits is not None:
+            # A successor's link: never timed out or closed for room.
+            self.limits.exempt(self)
         return answer
 
     @TakeOver.responder

@@ -34,6 +34,7 @@ from graceful_plugin.control import (
     RolledBack,
     VersionMismatch,
 )
+from graceful_plugin.controlconn import DEFAULT_CAP, DEFAULT_IDLE_TIMEOUT, ControlConnections
 from graceful_plugin.listeners import (
     AdoptedTCPPort,
     AdoptedUNIXPort,
@@ -81,6 +82,10 @@ class Settings:
     connectTimeout: float = 5.0
     #: How many generations may be draining at once; past it a new takeover is refused.
     maxDraining: int = 4
+    #: Control connections open at once, and seconds one may go without a complete command
+    #: (L{graceful_plugin.controlconn}).
+    maxControlConnections: int = DEFAULT_CAP
+    controlIdleTimeout: float = DEFAULT_IDLE_TIMEOUT
     #: The command that starts a successor (L{graceful_plugin.restart.successorCommand}), and
     #: the directory to start it in.
     restartCommand: list[str] | None = None
@@ -160,6 +165,10 @@ class GracefulServer(service.Service):
         self.observers: list[Any] = [self.restarter]
         #: Our hot standby for a successor that confirmed (L{graceful_plugin.standby}).
         self.standby = Standby(reactor)
+        #: The cap and idle timeout of our control listener's connections.
+        self.controlLimits = ControlConnections(
+            reactor, settings.maxControlConnections, settings.controlIdleTimeout
+        )
 
     def _tell(self, event: str, *args: Any) -> None:
         """
@@ -282,7 +291,9 @@ class GracefulServer(service.Service):
         return port
 
     def _controlFactory(self) -> Factory:
-        return Factory.forProtocol(lambda: ControlProtocol(self, checkPeer=True))
+        return Factory.forProtocol(
+            lambda: ControlProtocol(self, checkPeer=True, limits=self.controlLimits)
+        )
 
     def beginServing(self) -> None:
         """
