@@ -171,3 +171,29 @@ def test_onlyTheDirectPredecessorStandsBy(procs: Processes, workdir: Path) -> No
     held1.close()
     assert first.wait(30) == 0
     held2.close()
+
+
+@pytest.mark.slow
+def test_resumingOverAndOverKeepsDescriptorsFlat(procs: Processes, workdir: Path) -> None:
+    """
+    Five successors in a row, each killed right after it was confirmed: the predecessor resumes
+    every time, and its descriptor count after each resume is what it was before the first
+    handoff (every descriptor kept for the standby is reused, none leaks).
+    """
+    port = freePort()
+    first = procs.server(_portArgs(port), "gen1").start()
+    first.waitServing()
+    held = _holdSession(port)
+    _firstAnswerAfter(port)
+    before = first.fdCount()
+    counts = []
+    for i in range(5):
+        successor = procs.fakeSuccessor("c.sock", "real:confirmed")
+        first.waitFor(rf"handoff to pid {successor.pid} confirmed")
+        assert successor.wait(20) == -signal.SIGKILL
+        first.waitFor(rf"resumed serving: .*\(pid {successor.pid}\) is lost")
+        _, body = _firstAnswerAfter(port)
+        assert f"pid {first.pid}".encode() in body
+        counts.append(first.fdCount())
+    held.close()
+    assert counts == [before] * 5, (before, counts)
