@@ -187,7 +187,7 @@ def test_resumingOverAndOverKeepsDescriptorsFlat(procs: Processes, workdir: Path
     _firstAnswerAfter(port)
     before = first.fdCount()
     counts = []
-    for i in range(5):
+    for _ in range(5):
         successor = procs.fakeSuccessor("c.sock", "real:confirmed")
         first.waitFor(rf"handoff to pid {successor.pid} confirmed")
         assert successor.wait(20) == -signal.SIGKILL
