@@ -474,8 +474,10 @@ class GracefulServer(service.Service):
                     address=portAddress(port),
                 )
                 self._closing.append(port.close())
+        # The kernel's word for its pid (SO_PEERCRED, in our pid namespace), not its Hello's.
+        peer = self._successor.peer if self._successor is not None else None
         self.standby.watch(
-            self._successorPid,
+            peer[0] if peer else self._successorPid,
             self.settings.pidfile,
             lambda reason: self.machine.successorLost(reason) if self.machine else None,
         )

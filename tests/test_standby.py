@@ -131,6 +131,24 @@ class StandingByTests(StandbyTestCase):
         self.assertEqual(self.state(), "serving")
         self.assertTrue(all(p.accepting for p in (self.web, self.api, self.control)))
 
+    def test_watchesTheKernelsPidNotTheHellos(self) -> None:
+        """
+        The pid watched is the one SO_PEERCRED gave for the successor's connection (in our pid
+        namespace), not the one it claimed in Hello.
+        """
+        self.web.sessions.opened(object())
+        client, serverSide, pump = self.connect()
+        serverSide.peer = (5555, 0, 0)
+        self.alive[5555] = True
+        self.call(pump, client, Hello, version=PROTOCOL_VERSION, pid=4242, standby=True)
+        self.call(pump, client, Commit)
+        self.call(pump, client, Accepting)
+        self.reactor.advance(0.5)
+        self.assertEqual(self.state(), "draining")
+        self.alive[5555] = False
+        self.reactor.advance(0.5)
+        self.assertEqual(self.state(), "serving")
+
     def test_laterTakeoverAfterResume(self) -> None:
         """
         A generation that resumed accepts the next handoff, and confirms it.
