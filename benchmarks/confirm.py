@@ -10,6 +10,12 @@
    right after the Commit answer arrives, with the default ``--confirm-timeout``; a request is
    sent at that moment, and its latency is what a new connection pays until the predecessor
    resumes.  Repeated ``--stalls`` times.
+3. standby: a successor (``real:confirmed``) kills itself with SIGKILL as the answer to its
+   ``Accepting`` arrives, while the predecessor drains a held session; a request is sent the
+   moment the successor is reaped, and its latency is what a new connection pays until the
+   predecessor standing by resumes.  Repeated ``--stalls`` times.  Client errors are counted
+   in each phase (in this one, connections the dead successors had accepted die with them:
+   resets; none should be refused).
 
 Standard library only.  Every process started is killed and reaped and the temporary directory
 removed at the end; the whole run is bounded by ``--hard-timeout`` (60 s).
@@ -152,6 +158,37 @@ def stallCosts(run: Run, port: int, stalls: int) -> tuple[list[float], str]:
     return costs, rolledBack
 
 
+def standbyCosts(run: Run, port: int, kills: int) -> list[float]:
+    """
+    Successors that kill themselves (SIGKILL) as the answer to their Accepting arrives, with a
+    session held on the predecessor so that it drains: the latency of a request sent the moment
+    each successor is reaped (the predecessor answers it once it resumed).
+    """
+    current, log = serve(run, port, "standby")
+    held = socket.create_connection((HOST, port), timeout=30)
+    held.sendall(b"GET / HTTP/1.1\r\nHost: b\r\n")
+    costs = []
+    try:
+        for i in range(kills):
+            fake, fakeLog = run.start(
+                [sys.executable, "-m", "tests.fake_successor", "c.sock", "real:confirmed"],
+                f"k{i}",
+            )
+            fake.wait(max(1.0, run.deadline - time.monotonic()))
+            started = time.monotonic()
+            body = request(port)
+            costs.append((time.monotonic() - started) * 1000)
+            if f"pid {current.pid}".encode() not in body:
+                raise Failed("the request was not answered by the resumed predecessor")
+            run.waitFor(log, rf"resumed serving: .*\(pid {fake.pid}\) is lost")
+    finally:
+        held.close()
+    COUNTING.clear()
+    current.send_signal(signal.SIGTERM)
+    current.wait(10)
+    return costs
+
+
 def startLoad(port: int, threads: list[threading.Thread], run: Run) -> None:
     while time.monotonic() < run.deadline:
         try:
@@ -195,13 +232,22 @@ def main() -> int:
         starter = threading.Thread(target=startLoad, args=(port, threads, run), daemon=True)
         starter.start()
         times = confirmTimes(run, port, options.takeovers)
+        phaseErrors = [list(errors)]
         print(f"commit answer -> Accepting at the predecessor, under load: {describe(times)}")
         costs, rolledBack = stallCosts(run, port, options.stalls)
+        phaseErrors.append(errors[len(phaseErrors[0]) :])
         print(
             "a new connection while the successor is stopped after Commit (default"
             f" --confirm-timeout): {describe(costs)}; predecessor: {rolledBack}"
         )
-        print(f"client errors under load: {len(errors)} {sorted(set(errors))}")
+        kills = standbyCosts(run, port, options.stalls)
+        phaseErrors.append(errors[len(phaseErrors[0]) + len(phaseErrors[1]) :])
+        print(
+            "a new connection sent as a confirmed successor dies (SIGKILL), answered by the"
+            f" predecessor standing by: {describe(kills)}"
+        )
+        for name, found in zip(("confirm", "stall", "standby"), phaseErrors, strict=True):
+            print(f"client errors during {name}: {len(found)} {sorted(set(found))}")
         return 0
     except Failed as e:
         print(f"failed: {e}", file=sys.stderr)
