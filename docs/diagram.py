@@ -35,7 +35,7 @@ from graceful_plugin.machine import (
 )
 
 #: The order states are shown in: the life of one generation.
-_ORDER = ["serving", "handing_off", "committed", "draining", "terminated"]
+_ORDER = ["serving", "handing_off", "committed", "draining", "retiring", "terminated"]
 
 
 def _rank(state: str) -> int:
@@ -83,6 +83,8 @@ class _Recorder:
     pauseAccepting = _record("pauseAccepting")
     resumeAccepting = _record("resumeAccepting")
     releaseListeners = _record("releaseListeners")
+    standBy = _record("standBy")
+    resumed = _record("resumed")
     closeListeners = _record("closeListeners")
     beginDrain = _record("beginDrain")
     abortSessions = _record("abortSessions")

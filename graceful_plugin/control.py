@@ -5,12 +5,14 @@ admin command is defined here, one class each, with the protocol that carries th
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import struct
 import time
 from typing import Any, cast
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import ITCPTransport
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -58,18 +60,78 @@ class RolledBack(Exception):
     """
 
 
+class BadArgument(Exception):
+    """
+    A command carried a value out of its range (a negative index, a drain deadline that is not
+    a finite number of seconds, a pid that is no pid): nothing was done.
+    """
+
+
+#: The longest drain deadline a Stop may ask for (a year): longer ones overflow the reactor.
+MAX_SECONDS = 365 * 24 * 3600.0
+
+
+def checkIndex(name: str, value: int) -> int:
+    """
+    C{value} if it is a valid batch index (0 or more).
+
+    @raise BadArgument: otherwise.
+    """
+    if value < 0:
+        raise BadArgument(f"{name} must be 0 or more, not {value}")
+    return value
+
+
+def checkPid(name: str, value: int) -> int:
+    """
+    C{value} if it can be a process id (more than 0).
+
+    @raise BadArgument: otherwise.
+    """
+    if value <= 0:
+        raise BadArgument(f"{name} must be a process id (more than 0), not {value}")
+    return value
+
+
+def checkSeconds(name: str, value: float) -> float:
+    """
+    C{value} if it is a finite number of seconds from 0 to L{MAX_SECONDS}.
+
+    @raise BadArgument: otherwise (NaN, infinite, negative or too long).
+    """
+    if not math.isfinite(value) or not 0 <= value <= MAX_SECONDS:
+        raise BadArgument(
+            f"{name} must be a number of seconds from 0 to {MAX_SECONDS:g}, not {value!r}"
+        )
+    return value
+
+
 class Hello(amp.Command):
     """
     A successor introduces itself and asks to take over; the first command on a handoff.
+
+    C{standby} (optional, so that either side may be older) says that the successor will send
+    L{StandDown} when it stops on purpose or hands over in turn: only then does the predecessor
+    stand by (keep paused copies of the listeners, and resume if the successor is lost) once
+    the successor confirmed.
     """
 
-    arguments = [(b"version", amp.Integer()), (b"pid", amp.Integer())]
+    arguments = [
+        (b"version", amp.Integer()),
+        (b"pid", amp.Integer()),
+        (b"standby", amp.Boolean(optional=True)),
+    ]
     response = [
         (b"version", amp.Integer()),
         (b"pid", amp.Integer()),
         (b"generation", amp.Integer()),
     ]
-    errors = {HandoffBusy: b"BUSY", VersionMismatch: b"VERSION", NoHandoff: b"NO_HANDOFF"}
+    errors = {
+        HandoffBusy: b"BUSY",
+        VersionMismatch: b"VERSION",
+        NoHandoff: b"NO_HANDOFF",
+        BadArgument: b"BAD_ARGUMENT",
+    }
 
 
 class TakeOver(amp.Command):
@@ -98,7 +160,7 @@ class TakeOver(amp.Command):
         ),
         (b"next", amp.Integer()),
     ]
-    errors = {NoHandoff: b"NO_HANDOFF"}
+    errors = {NoHandoff: b"NO_HANDOFF", BadArgument: b"BAD_ARGUMENT"}
 
 
 def takeoverEntrySize(entry: dict[str, Any]) -> int:
@@ -157,7 +219,9 @@ class Commit(amp.Command):
     """
 
     arguments = [(b"dropped", amp.ListOf(amp.Unicode(), optional=True))]
-    response = [(b"confirmWithin", amp.Float())]
+    # waited: seconds the predecessor spent before pausing (telling its own predecessor to stand
+    # down), which count in the successor's round trip but not against confirmWithin.
+    response = [(b"confirmWithin", amp.Float()), (b"waited", amp.Float(optional=True))]
     errors = {NoHandoff: b"NO_HANDOFF"}
 
 
@@ -179,6 +243,19 @@ class Abort(amp.Command):
     arguments = [(b"reason", amp.Unicode())]
     response = []
     errors = {NoHandoff: b"NO_HANDOFF"}
+
+
+class StandDown(amp.Command):
+    """
+    A successor tells the predecessor standing by for it that it will not be needed: it stops
+    on purpose (the operator wants the service down), or a newer generation has committed to
+    take over from it.  The predecessor releases its paused copies of the listeners and drains
+    on.  Sent only by a successor that said C{standby} in its L{Hello}; an older predecessor
+    answers it UNHANDLED, which changes nothing.
+    """
+
+    arguments = [(b"reason", amp.Unicode())]
+    response = []
 
 
 _generationEntry = [
@@ -259,6 +336,7 @@ class Status(amp.Command):
             ),
         ),
     ]
+    errors = {BadArgument: b"BAD_ARGUMENT"}
 
 
 class Counters(amp.Command):
@@ -295,7 +373,7 @@ class Counters(amp.Command):
         ),
         (b"next", amp.Integer()),
     ]
-    errors = {NoHandoff: b"NO_HANDOFF"}
+    errors = {NoHandoff: b"NO_HANDOFF", BadArgument: b"BAD_ARGUMENT"}
 
 
 class Stop(amp.Command):
@@ -305,6 +383,7 @@ class Stop(amp.Command):
 
     arguments = [(b"drainTimeout", amp.Float(optional=True))]
     response = []
+    errors = {BadArgument: b"BAD_ARGUMENT"}
 
 
 class RestartFailed(Exception):
@@ -377,9 +456,10 @@ class IControlHandler(Interface):
         Answer L{TakeOver}.
         """
 
-    def commit(protocol: ControlProtocol, dropped: list[str] | None = None) -> dict[str, Any]:
+    def commit(protocol: ControlProtocol, dropped: list[str] | None = None) -> Any:
         """
-        Answer L{Commit}; C{dropped} names the listeners the successor did not keep.
+        Answer L{Commit} (a L{Deferred} firing with the answer); C{dropped} names the listeners
+        the successor did not keep.
         """
 
     def accepting(protocol: ControlProtocol) -> dict[str, Any]:
@@ -395,6 +475,11 @@ class IControlHandler(Interface):
     def reportSessions(protocol: ControlProtocol, generations: list[dict[str, Any]]) -> None:
         """
         Take a L{ReportSessions}.
+        """
+
+    def standDown(protocol: ControlProtocol, reason: str) -> dict[str, Any]:
+        """
+        Answer L{StandDown}.
         """
 
     def status(protocol: ControlProtocol, start: int) -> dict[str, Any]:
@@ -439,12 +524,18 @@ class ControlProtocol(amp.AMP):
 
     log = Logger()
 
-    def __init__(self, handler: IControlHandler, checkPeer: bool = False) -> None:
+    def __init__(
+        self, handler: IControlHandler, checkPeer: bool = False, limits: Any = None
+    ) -> None:
         super().__init__()
         self.handler = handler
         self.checkPeer = checkPeer
+        #: The listener's L{graceful_plugin.controlconn.ControlConnections}, if any.
+        self.limits = limits
         self.peer: tuple[int, int, int] | None = None
         self.openedAt = time.monotonic()
+        #: Whether the peer said in its Hello that it sends L{StandDown}.
+        self.sendsStandDown = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -461,6 +552,8 @@ class ControlProtocol(amp.AMP):
                 )
                 self._dropConnection()
                 return
+        if self.limits is not None and not self.limits.opened(self):
+            return
         self.handler.connectionOpened(self)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
@@ -470,6 +563,8 @@ class ControlProtocol(amp.AMP):
             except OSError:
                 pass
         self._descriptors.clear()
+        if self.limits is not None:
+            self.limits.closed(self)
         super().connectionLost(reason)
         self.handler.connectionClosed(self, reason)
 
@@ -489,6 +584,13 @@ class ControlProtocol(amp.AMP):
                 error=f"{e.__class__.__name__}: {e}"[:200],
             )
             self._dropConnection()
+
+    def ampBoxReceived(self, box: amp.AmpBox) -> None:
+        # A complete command or answer: what keeps a connection from timing out (bytes that do
+        # not complete one do not).
+        if self.limits is not None:
+            self.limits.activity(self)
+        super().ampBoxReceived(box)
 
     def _dropConnection(self) -> None:
         """
@@ -539,7 +641,7 @@ class ControlProtocol(amp.AMP):
             try:
                 # Only the parsing of the arguments raises here; the responder's own errors
                 # arrive in its Deferred.
-                return responder(box)
+                answer = responder(box)
             except Exception as e:
                 reason = f"malformed {command} command ({e.__class__.__name__}: {e})"[:200]
                 self.log.warn(
@@ -548,19 +650,35 @@ class ControlProtocol(amp.AMP):
                     reason=reason,
                 )
                 raise amp.RemoteAmpError(b"MALFORMED", reason, fatal=True) from None
+            limits = self.limits
+            if limits is not None and isinstance(answer, Deferred) and not answer.called:
+                # Being answered (a restart takes seconds): the connection is not idle.
+                limits.started(self)
+
+                def finished(result: Any) -> Any:
+                    limits.finished(self)
+                    return result
+
+                answer.addBoth(finished)
+            return answer
 
         return parsed
 
     @Hello.responder
-    def _hello(self, version: int, pid: int) -> dict[str, Any]:
-        return self.handler.hello(self, version, pid)
+    def _hello(self, version: int, pid: int, standby: bool | None = None) -> dict[str, Any]:
+        answer = self.handler.hello(self, version, checkPid("pid", pid))
+        self.sendsStandDown = bool(standby)
+        if self.limits is not None:
+            # A successor's link: never timed out or closed for room.
+            self.limits.exempt(self)
+        return answer
 
     @TakeOver.responder
     def _takeOver(self, start: int) -> dict[str, Any]:
-        return self.handler.takeOver(self, start)
+        return self.handler.takeOver(self, checkIndex("start", start))
 
     @Commit.responder
-    def _commit(self, dropped: list[str] | None = None) -> dict[str, Any]:
+    def _commit(self, dropped: list[str] | None = None) -> Any:
         return self.handler.commit(self, dropped or [])
 
     @Accepting.responder
@@ -573,19 +691,42 @@ class ControlProtocol(amp.AMP):
 
     @ReportSessions.responder
     def _reportSessions(self, generations: list[dict[str, Any]]) -> dict[str, Any]:
+        try:
+            for entry in generations:
+                checkPid("pid", entry["pid"])
+                checkIndex("generation", entry["generation"])
+                checkIndex("sessions", entry["sessions"])
+        except BadArgument as e:
+            # Nobody awaits an answer: the report is dropped, and nothing changes.
+            self.log.warn(
+                "control connection from pid {pid}: ignoring a session report: {error}",
+                pid=self._peerPid(),
+                error=str(e),
+            )
+            return {}
+        if self.limits is not None:
+            # A draining generation's link (it reports when its sessions change, which may be
+            # seldom): never timed out or closed for room, like a successor's.
+            self.limits.exempt(self)
         self.handler.reportSessions(self, generations)
         return {}
 
+    @StandDown.responder
+    def _standDown(self, reason: str) -> dict[str, Any]:
+        return self.handler.standDown(self, reason)
+
     @Status.responder
     def _status(self, start: int | None = None) -> dict[str, Any]:
-        return self.handler.status(self, start or 0)
+        return self.handler.status(self, checkIndex("start", start or 0))
 
     @Counters.responder
     def _counters(self, start: int) -> dict[str, Any]:
-        return self.handler.counters(self, start)
+        return self.handler.counters(self, checkIndex("start", start))
 
     @Stop.responder
     def _stop(self, drainTimeout: float | None = None) -> dict[str, Any]:
+        if drainTimeout is not None:
+            checkSeconds("drainTimeout", drainTimeout)
         return self.handler.stop(self, drainTimeout)
 
     @Restart.responder
@@ -608,7 +749,7 @@ class ClientHandler:
     def _refuse(self, *args: Any) -> dict[str, Any]:
         raise NoHandoff("this end of the control channel does not serve")
 
-    hello = takeOver = commit = accepting = abort = status = stop = restart = _refuse
+    hello = takeOver = commit = accepting = abort = status = stop = restart = standDown = _refuse
     counters = _refuse
 
     def reportSessions(self, protocol: ControlProtocol, generations: list[dict[str, Any]]) -> None:

@@ -69,6 +69,13 @@ class DrainingView:
         """
         self._links.setdefault(link, [])
 
+    def links(self) -> list[Any]:
+        """
+        Every link that carries reports: our predecessor's, and those of generations draining
+        further behind that connected to us directly.
+        """
+        return list(self._links)
+
     def isLink(self, link: Any) -> bool:
         """
         Whether C{link} carries reports of draining generations.

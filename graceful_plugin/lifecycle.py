@@ -61,6 +61,12 @@ class IGenerationObserver(Interface):
         it is stopping).
         """
 
+    def resumed(server: Any, reason: str) -> None:
+        """
+        The successor this generation stood by for was lost (C{reason}): it serves again, as
+        its own generation, and owns the pidfile and the control path.
+        """
+
     def stopping(server: Any) -> None:
         """
         A graceful stop: this generation stopped accepting for good and drains.
@@ -91,6 +97,9 @@ class Observer:
         pass
 
     def handoffAborted(self, server: Any, pid: int, reason: str) -> None:
+        pass
+
+    def resumed(self, server: Any, reason: str) -> None:
         pass
 
     def stopping(self, server: Any) -> None:
@@ -164,6 +173,10 @@ class SystemdNotifications(Observer):
         if server._stopping:
             return
         self._send(server, "serving (handoff rolled back)", READY=1)
+
+    def resumed(self, server: Any, reason: str) -> None:
+        # The main process is us again.
+        self._send(server, "serving (successor lost)", MAINPID=os.getpid(), READY=1)
 
     def stopping(self, server: Any) -> None:
         self._send(server, "stopping", STOPPING=1)

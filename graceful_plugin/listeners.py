@@ -697,6 +697,10 @@ def adoptListener(
     """
     if spec is not None:
         kind = spec.kind
+    # A blocking socket (from systemd, or a buggy or hostile predecessor) would leave the
+    # reactor stuck in accept(): every adopted descriptor is made non-blocking (the flag belongs
+    # to the socket, so the duplicate adopted below has it too).
+    os.set_blocking(fd, False)
     if kind == "udp":
         udpPort = AdoptedUDPPort._fromListeningDescriptor(
             reactor, fd, familyOf(kind, fd), datagramProtocol(factory, name), 65535

@@ -1,6 +1,8 @@
 """
 One generation's life as a state machine: serving, handing off to a successor, committed (paused,
-waiting for the successor to confirm it accepts), draining, terminated.
+waiting for the successor to confirm it accepts), draining (a hot standby: the successor serves,
+we hold paused copies of the listeners and resume if it is lost), retiring (draining with
+nothing to resume: stopped, or told to stand down), terminated.
 
 The machine decides; the L{IGenerationEffects} provider it is given does the I/O.  Nobody reads
 the machine's state: callers give it inputs, and the inputs that answer return what the caller
@@ -34,8 +36,21 @@ class IGenerationEffects(Interface):
 
     def releaseListeners() -> None:
         """
-        The successor accepts now: close our copies of the listening sockets without
-        C{shutdown()} and without unlinking any path.
+        Nothing will resume: close our copies of the listening sockets without C{shutdown()} and
+        without unlinking any path (another generation may accept on them).
+        """
+
+    def standBy() -> None:
+        """
+        The successor accepts now: close the listeners it dropped, keep paused copies of the
+        others (and of the control listener) so that we can resume if it is lost, and watch it.
+        """
+
+    def resumed(reason: str) -> None:
+        """
+        The successor was lost while we stood by, for C{reason}, and we accept again
+        (L{resumeAccepting} was called): own the pidfile and the control path again, serve as
+        our own generation.
         """
 
     def closeListeners() -> None:
@@ -102,7 +117,14 @@ class GenerationInputs(Protocol):
 
     def successorLost(self, reason: str) -> None:
         """
-        The successor disconnected, failed or gave up before confirming it accepts.
+        The successor disconnected, died, failed or gave up (before it confirmed: a rollback;
+        after, while we stand by: we resume).
+        """
+
+    def standDown(self) -> None:
+        """
+        The successor says it will not need us: it stops on purpose, or a newer generation takes
+        over from it (the caller logs which).  We drain on without standing by.
         """
 
     def handoffTimedOut(self) -> None:
@@ -127,7 +149,8 @@ class GenerationInputs(Protocol):
 
     def describe(self) -> str:
         """
-        A word for status reports: serving, handing_off, committed, draining or terminated.
+        A word for status reports: serving, handing_off, committed, draining (standing by),
+        retiring (draining, nothing to resume) or terminated.
         """
 
 
@@ -141,13 +164,16 @@ class GenerationCore:
     @ivar handoffTimeout: seconds a successor has from hello to commit.
     @ivar confirmTimeout: seconds a successor has from commit to confirming it accepts.
     @ivar drainTimeout: seconds the sessions have to finish once draining.
+    @ivar drainEnds: when the current drain must end (L{None}: not draining), kept from
+        draining to retiring so that standing down does not restart the deadline.
     """
 
     clock: IReactorTime
     effects: IGenerationEffects
     handoffTimeout: float = 30.0
-    confirmTimeout: float = 10.0
+    confirmTimeout: float = 0.5
     drainTimeout: float = 60.0
+    drainEnds: float | None = None
 
 
 @dataclass
@@ -172,7 +198,10 @@ def _confirmDeadline(inputs: GenerationInputs, core: GenerationCore) -> Deadline
 
 
 def _drainDeadline(inputs: GenerationInputs, core: GenerationCore, *args: object) -> Deadline:
-    return Deadline(core.clock.callLater(core.drainTimeout, inputs.drainTimedOut))
+    now = core.clock.seconds()
+    if core.drainEnds is None:
+        core.drainEnds = now + core.drainTimeout
+    return Deadline(core.clock.callLater(max(0.0, core.drainEnds - now), inputs.drainTimedOut))
 
 
 builder = TypeMachineBuilder(GenerationInputs, GenerationCore)
@@ -180,13 +209,18 @@ serving = builder.state("serving")
 handingOff = builder.state("handing_off", _handoffDeadline)
 committed = builder.state("committed", _confirmDeadline)
 draining = builder.state("draining", _drainDeadline)
+retiring = builder.state("retiring", _drainDeadline)
 terminated = builder.state("terminated")
 
 # Every state names itself for status reports.
 for _state in (serving, terminated):
     _state.upon(GenerationInputs.describe).loop().returns(_state.name)
-for _dataState in (handingOff, committed, draining):
+for _dataState in (handingOff, committed, draining, retiring):
     _dataState.upon(GenerationInputs.describe).loop().returns(_dataState.name)
+
+# Only a successor that confirmed (we stand by for it) can tell us to stand down.
+for _notStandingBy in (serving, handingOff, committed, retiring, terminated):
+    _notStandingBy.upon(GenerationInputs.standDown).loop().returns(None)
 
 # serving
 serving.upon(GenerationInputs.commit).loop().returns(False)
@@ -206,7 +240,7 @@ def _startHandoff(inputs: GenerationInputs, core: GenerationCore) -> bool:
     return True
 
 
-@serving.upon(GenerationInputs.stop).to(draining)
+@serving.upon(GenerationInputs.stop).to(retiring)
 def _stopServing(inputs: GenerationInputs, core: GenerationCore) -> None:
     core.effects.closeListeners()
     core.effects.beginDrain()
@@ -240,7 +274,7 @@ def _timedOutBeforeCommit(inputs: GenerationInputs, core: GenerationCore, data: 
     core.effects.handoffAborted(f"the successor did not commit within {core.handoffTimeout:g} s")
 
 
-@handingOff.upon(GenerationInputs.stop).to(draining)
+@handingOff.upon(GenerationInputs.stop).to(retiring)
 def _stopWhileHandingOff(inputs: GenerationInputs, core: GenerationCore, data: Deadline) -> None:
     data.cancel()
     core.effects.handoffAborted("this server is stopping")
@@ -257,8 +291,9 @@ committed.upon(GenerationInputs.drainTimedOut).loop().returns(None)
 
 @committed.upon(GenerationInputs.successorAccepting).to(draining)
 def _confirmed(inputs: GenerationInputs, core: GenerationCore, data: Deadline) -> bool:
+    # Still paused: the successor accepts, we hold our copies until we know we are not needed.
     data.cancel()
-    core.effects.releaseListeners()
+    core.effects.standBy()
     core.effects.handoffCommitted()
     core.effects.beginDrain()
     return True
@@ -282,7 +317,7 @@ def _timedOutAfterCommit(inputs: GenerationInputs, core: GenerationCore, data: D
     _resume(core, data, f"the successor did not confirm accepting within {core.confirmTimeout:g} s")
 
 
-@committed.upon(GenerationInputs.stop).to(draining)
+@committed.upon(GenerationInputs.stop).to(retiring)
 def _stopWhileCommitted(inputs: GenerationInputs, core: GenerationCore, data: Deadline) -> None:
     # The successor adopted these sockets and may already accept: the handoff goes through (its
     # confirmation will be answered yes), and we release, never unlinking a path it owns.
@@ -292,26 +327,71 @@ def _stopWhileCommitted(inputs: GenerationInputs, core: GenerationCore, data: De
     core.effects.beginDrain()
 
 
-# draining: no accepting; sessions finish.
+# draining: the successor accepts; we hold paused copies of the listeners (a hot standby).
 draining.upon(GenerationInputs.requestHandoff).loop().returns(False)
 draining.upon(GenerationInputs.commit).loop().returns(False)
 draining.upon(GenerationInputs.successorAccepting).loop().returns(False)
-for _ignored in (
-    GenerationInputs.successorLost,
-    GenerationInputs.handoffTimedOut,
-    GenerationInputs.stop,
-):
-    draining.upon(_ignored).loop().returns(None)
+draining.upon(GenerationInputs.handoffTimedOut).loop().returns(None)
+
+
+@draining.upon(GenerationInputs.successorLost).to(serving)
+def _successorLostWhileStandingBy(
+    inputs: GenerationInputs, core: GenerationCore, data: Deadline, reason: str
+) -> None:
+    # Nobody accepts on the sockets any more but us: resume, and serve as our own generation.
+    data.cancel()
+    core.drainEnds = None
+    core.effects.resumeAccepting()
+    core.effects.resumed(reason)
+
+
+@draining.upon(GenerationInputs.standDown).to(retiring)
+def _stoodDown(inputs: GenerationInputs, core: GenerationCore, data: Deadline) -> None:
+    data.cancel()
+    core.effects.releaseListeners()
+
+
+@draining.upon(GenerationInputs.stop).to(retiring)
+def _stopWhileStandingBy(inputs: GenerationInputs, core: GenerationCore, data: Deadline) -> None:
+    data.cancel()
+    core.effects.releaseListeners()
 
 
 @draining.upon(GenerationInputs.sessionsDrained).to(terminated)
 def _drained(inputs: GenerationInputs, core: GenerationCore, data: Deadline) -> None:
     data.cancel()
+    core.effects.releaseListeners()
     core.effects.terminated()
 
 
 @draining.upon(GenerationInputs.drainTimedOut).to(terminated)
 def _drainDeadlinePassed(inputs: GenerationInputs, core: GenerationCore, data: Deadline) -> None:
+    data.cancel()
+    core.effects.abortSessions()
+    core.effects.releaseListeners()
+    core.effects.terminated()
+
+
+# retiring: draining with nothing to resume (stopped, or stood down); sessions finish.
+retiring.upon(GenerationInputs.requestHandoff).loop().returns(False)
+retiring.upon(GenerationInputs.commit).loop().returns(False)
+retiring.upon(GenerationInputs.successorAccepting).loop().returns(False)
+for _ignored in (
+    GenerationInputs.successorLost,
+    GenerationInputs.handoffTimedOut,
+    GenerationInputs.stop,
+):
+    retiring.upon(_ignored).loop().returns(None)
+
+
+@retiring.upon(GenerationInputs.sessionsDrained).to(terminated)
+def _retired(inputs: GenerationInputs, core: GenerationCore, data: Deadline) -> None:
+    data.cancel()
+    core.effects.terminated()
+
+
+@retiring.upon(GenerationInputs.drainTimedOut).to(terminated)
+def _retireDeadlinePassed(inputs: GenerationInputs, core: GenerationCore, data: Deadline) -> None:
     data.cancel()
     core.effects.abortSessions()
     core.effects.terminated()

@@ -10,17 +10,34 @@ the pidfile over from twistd's options.
 from __future__ import annotations
 
 import os
+import secrets
+import stat
+
+from twisted.logger import Logger
+
+log = Logger()
+
+#: The mode of a pidfile: anyone may read it, only its owner write it.
+MODE = 0o644
 
 
 def read(path: str) -> int | None:
     """
-    The pid in C{path}, or L{None} when there is no such file or it holds no number.
+    The pid in C{path}, or L{None} when there is no such file, it holds no number, or it is a
+    symbolic link (a pidfile is never one: somebody else planted it).
     """
     try:
-        with open(path) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
         return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return int(os.read(fd, 64).decode("ascii").strip())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    finally:
+        os.close(fd)
 
 
 def alive(pid: int) -> bool:
@@ -54,13 +71,61 @@ def livePid(path: str) -> int | None:
 
 def claim(path: str, pid: int) -> None:
     """
-    Write C{pid} to C{path} atomically (write a temporary file, rename it into place), so no
-    reader ever sees an empty or half-written pidfile.
+    Write C{pid} to C{path} atomically, so no reader ever sees an empty or half-written pidfile.
+
+    The pid goes to a new file of a random name in the pidfile's directory, created with
+    C{O_EXCL|O_NOFOLLOW} and mode 0644 (nothing another user planted is ever opened or written
+    through), which is then renamed over C{path}.  The rename replaces whatever entry is at
+    C{path} (a planted symbolic link is replaced, its target untouched; a file of another user
+    is replaced by one of ours), and that is logged.
+
+    @raise OSError: when the file cannot be written or renamed (it is then removed).
     """
-    tmp = f"{path}.{pid}.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{pid}\n")
-    os.replace(tmp, path)
+    _warnIfPlanted(path)
+    directory, base = os.path.split(os.path.abspath(path))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(100):
+        tmp = os.path.join(directory, f".{base}.{secrets.token_hex(8)}.tmp")
+        try:
+            fd = os.open(tmp, flags, MODE)
+        except FileExistsError:
+            continue
+        break
+    else:
+        raise OSError(f"cannot create a temporary file next to {path}")
+    try:
+        try:
+            os.fchmod(fd, MODE)
+            os.write(fd, f"{pid}\n".encode())
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _warnIfPlanted(path: str) -> None:
+    """
+    Log what is wrong with the entry at C{path} before it is replaced: a symbolic link, not a
+    regular file, or a file another user owns.
+    """
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        problem = "a symbolic link"
+    elif not stat.S_ISREG(st.st_mode):
+        problem = "not a regular file"
+    elif st.st_uid not in (os.geteuid(), 0):
+        problem = f"owned by uid {st.st_uid}"
+    else:
+        return
+    log.warn("pidfile {path} was {problem}: replacing it", path=path, problem=problem)
 
 
 def release(path: str, pid: int) -> bool:

@@ -39,6 +39,7 @@ from graceful_plugin.control import (
     RolledBack,
     TakeOver,
     VersionMismatch,
+    peerCredentials,
 )
 from graceful_plugin.figures import FIGURES_VERSION
 from graceful_plugin.listeners import (
@@ -130,6 +131,22 @@ def idleChildren() -> Iterator[None]:
         os.sched_setscheduler(0, before, os.sched_param(0))
 
 
+def serverIdentityProblem(
+    peer: tuple[int, int, int] | None, ownUid: int | None = None
+) -> str | None:
+    """
+    What is wrong with the process serving the control path (from C{SO_PEERCRED}), in words;
+    L{None} when it runs as our uid or as root, the only servers we take over from.
+    """
+    own = os.getuid() if ownUid is None else ownUid
+    if peer is None:
+        return "cannot be identified (no SO_PEERCRED)"
+    pid, uid, _gid = peer
+    if uid in (own, 0):
+        return None
+    return f"(pid {pid}) runs as uid {uid}, not as uid {own} or root"
+
+
 def _timed(d: Deferred[Any], seconds: float, reactor: Any) -> Deferred[Any]:
     return d.addTimeout(seconds, reactor)
 
@@ -155,11 +172,18 @@ async def takeOver(server: GracefulServer) -> None:
     except ConnectError as e:
         raise TakeoverFailed(f"no server answers at {path} ({e.__class__.__name__})") from None
     assert isinstance(link, ControlProtocol) and link.transport is not None
+    problem = serverIdentityProblem(peerCredentials(link.transport))
+    if problem is not None:
+        # Before Hello: nothing was asked of it and nothing is adopted.
+        link.transport.loseConnection()
+        raise TakeoverFailed(f"the server at {path} {problem}; not taking over from it")
     server.adoptPredecessorLink(link)
     deadline = settings.handoffTimeout
     try:
         hello = await _timed(
-            link.callRemote(Hello, version=PROTOCOL_VERSION, pid=os.getpid()), deadline, reactor
+            link.callRemote(Hello, version=PROTOCOL_VERSION, pid=os.getpid(), standby=True),
+            deadline,
+            reactor,
         )
     except (HandoffBusy, VersionMismatch) as e:
         link.transport.loseConnection()
@@ -209,10 +233,15 @@ async def takeOver(server: GracefulServer) -> None:
         counters = _askCounters(link, 0)
         answer = await _timed(committing, deadline, reactor)
         committedAt = time.monotonic()
-        if committedAt - readyAt > answer["confirmWithin"] / 2:
+        # The predecessor's confirm deadline started when it paused, some time within our round
+        # trip (less what it says it waited before pausing).  If the round trip took more than
+        # half of the window, too little of it may be left to confirm: give up rather than risk
+        # accepting after the predecessor resumed.
+        late = committedAt - readyAt - (answer.get("waited") or 0.0)
+        if late > answer["confirmWithin"] / 2:
             raise TakeoverFailed(
-                f"the commit answer came {committedAt - readyAt:.1f} s late; the predecessor"
-                " may already have resumed"
+                f"the commit answer came {late:.1f} s late; the predecessor may already have"
+                " resumed"
             )
     except BaseException as e:
         for port in adopted:

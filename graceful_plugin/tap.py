@@ -78,8 +78,9 @@ class Options(usage.Options):
         [
             "confirm-timeout",
             None,
-            10.0,
-            "Seconds a successor has from commit to confirming it accepts.",
+            0.5,
+            "Seconds a successor has from commit to confirming it accepts (new connections wait"
+            " this long behind a successor stalled after commit).",
             _positiveSeconds("confirm-timeout"),
         ],
         [

@@ -14,7 +14,8 @@ The real takeover code (L{graceful_plugin.takeover}) serving the demo applicatio
 itself with SIGSTOP at POINT and carries on when it gets SIGCONT: ``ready`` (the application's
 readiness hook, before Commit), ``committed`` (the Commit answer just arrived) or ``accepting``
 (accepting, about to send Accepting).  It prints ``reached POINT`` first and exits with the
-server's exit code.
+server's exit code.  ``confirmed`` is the odd one: the process kills itself with SIGKILL the
+moment the answer to its Accepting arrives.
 
     python -m tests.fake_successor CONTROL_PATH zygote
 
@@ -28,7 +29,9 @@ A fake predecessor listening at LISTEN_PATH: KIND ``version`` answers Hello with
 ``pipe`` and ``udp`` hand over a pipe or a UDP socket as if it were a TCP listener; ``old:PORT``
 is a predecessor of an older version that knows no Counters command: it hands over a web
 listener on 127.0.0.1:PORT and a control socket, and lets the takeover complete; ``noconfirm:PORT``
-does the same but never answers Accepting.
+does the same but never answers Accepting; ``blocking`` hands over a blocking TCP listener (the
+port in ``PORT``) and a blocking control listener (``LISTEN_PATH.ctl``), then answers Commit and
+Accepting like a real predecessor.
 """
 
 from __future__ import annotations
@@ -57,8 +60,8 @@ from graceful_plugin.control import (
 )
 
 STEPS = ("connected", "hello", "fds", "adopted", "commit")
-REAL_POINTS = ("ready", "committed", "accepting")
-PREDECESSORS = ("version", "pipe", "udp", "old", "noconfirm")
+REAL_POINTS = ("ready", "committed", "accepting", "confirmed")
+PREDECESSORS = ("version", "pipe", "udp", "old", "noconfirm", "blocking")
 
 
 def reached(step: str, detail: str = "") -> None:
@@ -130,13 +133,15 @@ def runGeneration(reactor: Any, path: str, pidfile: str = "", point: str = "") -
     ready = (lambda: stopHere("ready")) if point == "ready" else None
     server = GracefulServer(settings, demoSite(lambda: holder["server"].generation), reactor, ready)
     holder["server"] = server
-    if point in ("committed", "accepting"):
+    if point in ("committed", "accepting", "confirmed"):
         original = ControlProtocol.callRemote
 
         def callRemote(self: ControlProtocol, command: Any, **kw: Any) -> Any:
             if command is control.Accepting and point == "accepting":
                 stopHere(point)
             d = original(self, command, **kw)
+            if command is control.Accepting and point == "confirmed":
+                d.addCallback(lambda _: os.kill(os.getpid(), signal.SIGKILL))
             if command is Commit and point == "committed":
 
                 def stop(answer: Any) -> Any:
@@ -205,12 +210,13 @@ def zygote(path: str) -> None:
 
 
 class _FakePredecessor(amp.AMP):
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, path: str = "") -> None:
         super().__init__()
         self.kind = kind
+        self.path = path
 
     @Hello.responder
-    def hello(self, version: int, pid: int) -> dict[str, Any]:
+    def hello(self, version: int, pid: int, standby: bool | None = None) -> dict[str, Any]:
         if self.kind == "version":
             raise control.VersionMismatch(
                 f"this server speaks control protocol {PROTOCOL_VERSION + 1}, the successor"
@@ -220,6 +226,8 @@ class _FakePredecessor(amp.AMP):
 
     @TakeOver.responder
     def takeOver(self, start: int) -> dict[str, Any]:
+        if self.kind == "blocking":
+            return {"listeners": self._blockingListeners(), "next": -1}
         if self.kind.startswith(("old:", "noconfirm:")):
             web = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             web.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -257,6 +265,24 @@ class _FakePredecessor(amp.AMP):
             "next": -1,
         }
 
+    def _blockingListeners(self) -> list[dict[str, Any]]:
+        web = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        web.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        web.bind(("127.0.0.1", int(os.environ["PORT"])))
+        web.listen(128)
+        ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        ctlPath = self.path + ".ctl"
+        ctl.bind(ctlPath)
+        ctl.listen(16)
+        for sock in (web, ctl):
+            assert sock.getblocking()
+        print("handing over blocking listeners", flush=True)
+        address = f"127.0.0.1:{web.getsockname()[1]}"
+        return [
+            {"name": "web", "kind": "tcp", "address": address, "fd": web.detach()},
+            {"name": "control", "kind": "control", "address": ctlPath, "fd": ctl.detach()},
+        ]
+
     @Commit.responder
     def commit(self, dropped: list[str] | None = None) -> dict[str, Any]:
         return {"confirmWithin": 10.0}
@@ -283,7 +309,7 @@ def predecessor(reactor: Any, path: str, kind: str) -> defer.Deferred[None]:
     from twisted.internet.protocol import Factory
 
     endpoint = UNIXServerEndpoint(reactor, path)
-    d = endpoint.listen(Factory.forProtocol(lambda: _FakePredecessor(kind)))
+    d = endpoint.listen(Factory.forProtocol(lambda: _FakePredecessor(kind, path)))
     d.addCallback(lambda _: reached("listening"))
     return defer.Deferred()
 

@@ -252,7 +252,7 @@ class HelloTests(ControlTestCase):
         second, _, pump2 = self.connect()
         self.fail_(pump2, second, Hello, version=PROTOCOL_VERSION, pid=2).trap(HandoffBusy)
         self.assertEqual(self.state(), "handing_off")
-        self.assertEqual(self.call(pump1, first, Commit), {"confirmWithin": 10.0})
+        self.assertEqual(self.call(pump1, first, Commit), {"confirmWithin": 10.0, "waited": 0.0})
 
     def test_helloWhileDrainingBusy(self) -> None:
         """
@@ -367,7 +367,7 @@ class CommitTests(ControlTestCase):
         client, _, pump = self.connect()
         self.hello(pump, client)
         self.takeAll(pump, client)
-        self.assertEqual(self.call(pump, client, Commit), {"confirmWithin": 10.0})
+        self.assertEqual(self.call(pump, client, Commit), {"confirmWithin": 10.0, "waited": 0.0})
         for port in (self.web, self.api, self.control):
             self.assertEqual(port.events, ["resume", "pause"])
             self.assertFalse(port.accepting)

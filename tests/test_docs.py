@@ -47,7 +47,17 @@ def test_docsBuildWithoutWarnings(tmp_path: Path) -> None:
     page = (out / "how-it-works.html").read_text()
     assert "_images/machine.svg" in page
     svg = (out / "_images" / "machine.svg").read_text()
-    for word in ("serving", "handing_off", "committed", "draining", "terminated", "commit"):
+    for word in (
+        "serving",
+        "handing_off",
+        "committed",
+        "draining",
+        "retiring",
+        "terminated",
+        "commit",
+        "successorLost",
+        "standDown",
+    ):
         assert word in svg
     assert "releaseListeners" in page
 
@@ -56,8 +66,8 @@ def test_docsBuildWithoutWarnings(tmp_path: Path) -> None:
 def test_generatedFromTheMachine() -> None:
     """
     The diagram names every state-changing transition of the machine, and the table lists the
-    effects the machine really asks for (a stop after commit releases, never closes) of a
-    recorder that provides IGenerationEffects.
+    effects the machine really asks for (a stop after commit releases, never closes; a successor
+    lost while standing by resumes) of a recorder that provides IGenerationEffects.
     """
     sys.path.insert(0, str(DOCS))
     try:
@@ -78,7 +88,8 @@ def test_generatedFromTheMachine() -> None:
     }
     rows = {(b, i, a): effects for b, i, a, effects in diagram._effectsTable()}
     assert set(rows) == changes
-    assert rows[("committed", "stop", "draining")] == [
+    assert rows[("draining", "successorLost", "serving")] == ["resumeAccepting", "resumed"]
+    assert rows[("committed", "stop", "retiring")] == [
         "releaseListeners",
         "handoffCommitted",
         "beginDrain",

@@ -45,6 +45,13 @@ class RecordingEffects:
     def releaseListeners(self) -> None:
         self.calls.append("releaseListeners")
 
+    def standBy(self) -> None:
+        self.calls.append("standBy")
+
+    def resumed(self, reason: str) -> None:
+        self.calls.append("resumed")
+        self.reasons.append(reason)
+
     def closeListeners(self) -> None:
         self.calls.append("closeListeners")
 
@@ -111,6 +118,13 @@ def draining() -> tuple[GenerationInputs, RecordingEffects, Clock]:
     return machine, effects, clock
 
 
+def retiring() -> tuple[GenerationInputs, RecordingEffects, Clock]:
+    machine, effects, clock = draining()
+    machine.standDown()
+    effects.take()
+    return machine, effects, clock
+
+
 def terminated() -> tuple[GenerationInputs, RecordingEffects, Clock]:
     machine, effects, clock = draining()
     machine.sessionsDrained()
@@ -127,12 +141,14 @@ def test_fakeProvidesTheInterface() -> None:
 
 def test_describeNamesEveryState() -> None:
     """
-    describe() names each of the five states, and asking does not change anything.
+    describe() names each of the six states, and asking
+    does not change anything.
     """
     assert makeMachine()[0].describe() == "serving"
     assert handingOff()[0].describe() == "handing_off"
     assert committed()[0].describe() == "committed"
     assert draining()[0].describe() == "draining"
+    assert retiring()[0].describe() == "retiring"
     machine, effects, clock = terminated()
     assert machine.describe() == "terminated"
     assert machine.describe() == "terminated"
@@ -206,15 +222,15 @@ def test_commitRefusedWithoutHandoff() -> None:
         assert machine.describe() == state
 
 
-def test_confirmReleasesAndDrains() -> None:
+def test_confirmStandsByAndDrains() -> None:
     """
-    The successor's confirmation releases the listeners (never closes them), announces the
-    commit and starts draining under the drain deadline.
+    The successor's confirmation neither resumes nor releases the listeners (they stay paused: a
+    hot standby), announces the commit and starts draining under the drain deadline.
     """
     machine, effects, clock = committed()
     clock.advance(1)
     assert machine.successorAccepting() is True
-    assert effects.take() == ["releaseListeners", "handoffCommitted", "beginDrain"]
+    assert effects.take() == ["standBy", "handoffCommitted", "beginDrain"]
     assert machine.describe() == "draining"
     [deadline] = clock.getDelayedCalls()
     assert deadline.getTime() == 1 + DRAIN
@@ -307,9 +323,12 @@ def test_stopWhileServingClosesAndDrains() -> None:
     machine, effects, clock = makeMachine()
     machine.stop()
     assert effects.take() == ["closeListeners", "beginDrain"]
-    assert machine.describe() == "draining"
+    assert machine.describe() == "retiring"
     [deadline] = clock.getDelayedCalls()
     assert deadline.getTime() == DRAIN
+    # Retiring: nothing brings it back.
+    machine.successorLost("x")
+    assert effects.calls == []
 
 
 def test_stopWhileHandingOffAbortsClosesAndDrains() -> None:
@@ -321,7 +340,7 @@ def test_stopWhileHandingOffAbortsClosesAndDrains() -> None:
     machine.stop()
     assert effects.take() == ["handoffAborted", "closeListeners", "beginDrain"]
     assert effects.reasons == ["this server is stopping"]
-    assert machine.describe() == "draining"
+    assert machine.describe() == "retiring"
     [deadline] = clock.getDelayedCalls()
     assert deadline.getTime() == DRAIN
 
@@ -338,16 +357,33 @@ def test_stopWhileCommittedReleasesWithoutClosing() -> None:
     assert "closeListeners" not in calls
     assert "resumeAccepting" not in calls
     assert calls == ["releaseListeners", "handoffCommitted", "beginDrain"]
-    assert machine.describe() == "draining"
+    assert machine.describe() == "retiring"
     clock.advance(CONFIRM)
     assert "resumeAccepting" not in effects.calls
 
 
-def test_stopWhileDrainingOrTerminatedIsIgnored() -> None:
+def test_stopWhileStandingByReleases() -> None:
     """
-    A stop while draining or terminated changes nothing.
+    A stop while standing by releases the paused listeners (never closes them: the successor
+    accepts on them) and drains on under the same deadline; the successor's loss no longer
+    resumes anything.
     """
-    for make in (draining, terminated):
+    machine, effects, clock = draining()
+    clock.advance(5)
+    machine.stop()
+    assert effects.take() == ["releaseListeners"]
+    assert machine.describe() == "retiring"
+    [deadline] = clock.getDelayedCalls()
+    assert deadline.getTime() == DRAIN
+    machine.successorLost("gone")
+    assert effects.calls == []
+
+
+def test_stopWhileRetiringOrTerminatedIsIgnored() -> None:
+    """
+    A stop while retiring or terminated changes nothing.
+    """
+    for make in (retiring, terminated):
         machine, effects, clock = make()
         state = machine.describe()
         machine.stop()
@@ -362,7 +398,7 @@ def test_drainedToZeroTerminates() -> None:
     """
     machine, effects, clock = draining()
     machine.sessionsDrained()
-    assert effects.take() == ["terminated"]
+    assert effects.take() == ["releaseListeners", "terminated"]
     assert machine.describe() == "terminated"
     assert clock.getDelayedCalls() == []
 
@@ -375,7 +411,13 @@ def test_drainedDuringBeginDrainTerminates() -> None:
     machine, effects, clock = committed()
     effects.onBeginDrain = machine.sessionsDrained
     assert machine.successorAccepting() is True
-    assert effects.take() == ["releaseListeners", "handoffCommitted", "beginDrain", "terminated"]
+    assert effects.take() == [
+        "standBy",
+        "handoffCommitted",
+        "beginDrain",
+        "releaseListeners",
+        "terminated",
+    ]
     assert machine.describe() == "terminated"
     assert clock.getDelayedCalls() == []
 
@@ -388,7 +430,7 @@ def test_drainDeadlineAbortsSessions() -> None:
     clock.advance(DRAIN - 1)
     assert machine.describe() == "draining"
     clock.advance(1)
-    assert effects.take() == ["abortSessions", "terminated"]
+    assert effects.take() == ["abortSessions", "releaseListeners", "terminated"]
     assert machine.describe() == "terminated"
 
 
@@ -422,13 +464,15 @@ def test_drainInputsIgnoredOutsideDraining() -> None:
 
 def test_lostAndTimeoutIgnoredWithoutHandoff() -> None:
     """
-    successorLost and handoffTimedOut do nothing while serving, draining or terminated.
+    successorLost and handoffTimedOut do nothing while serving, retiring or terminated (and a
+    handoff timeout nothing while standing by).
     """
-    for make in (makeMachine, draining, terminated):
+    for make in (makeMachine, retiring, terminated, draining):
         machine, effects, clock = make()
         state = machine.describe()
-        machine.successorLost("late news")
         machine.handoffTimedOut()
+        if make is not draining:
+            machine.successorLost("late news")
         assert effects.calls == [], state
         assert machine.describe() == state
 
@@ -442,6 +486,7 @@ def test_terminatedIsFinal() -> None:
     assert machine.commit() is False
     assert machine.successorAccepting() is False
     machine.successorLost("x")
+    machine.standDown()
     machine.handoffTimedOut()
     machine.stop()
     machine.sessionsDrained()
@@ -458,6 +503,7 @@ _INPUTS = [
     "commit",
     "successorAccepting",
     "successorLost",
+    "standDown",
     "handoffTimedOut",
     "stop",
     "sessionsDrained",
@@ -483,17 +529,20 @@ class _Model:
         self.stopped = False
         self.committedHandoff = False
         self.openHandoffs = 0
+        self.standingBy = False
+        self.everStopped = False
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(_step, max_size=40))
 def test_anyInputSequenceKeepsTheInvariants(steps: list[tuple[str, float]]) -> None:
     """
-    Whatever inputs arrive in whatever order: accepting is paused only while committed; listeners
-    are released only after commit (on confirm, or a stop while committed) and closed only when
-    no commit is pending; every started handoff ends exactly once; terminated is final; after a
-    stop nothing resumes accepting or starts a handoff; a deadline is pending exactly in the
-    states that have one.
+    Whatever inputs arrive in whatever order: accepting is paused only while committed or
+    standing by (never accepting once the successor may); listeners are released only after
+    commit (on a stand-down, a stop, or the end of the drain) and closed only when no commit is
+    pending; only a standby resumes after draining began, and never after a stop; every started
+    handoff ends exactly once; terminated is final; a deadline is pending exactly in the states
+    that have one.
     """
     machine, effects, clock = makeMachine()
     model = _Model()
@@ -509,18 +558,29 @@ def test_anyInputSequenceKeepsTheInvariants(steps: list[tuple[str, float]]) -> N
         calls = effects.take()
         if before == "terminated":
             assert calls == [] and after == "terminated"
+        if name == "stop":
+            model.everStopped = True
         for call in calls:
             if call == "pauseAccepting":
-                assert not model.paused and not model.gone
+                assert not model.paused and not model.gone and not model.stopped
                 model.paused = True
                 model.committedHandoff = True
             elif call == "resumeAccepting":
-                assert model.paused and not model.gone and not model.stopped
+                assert model.paused and not model.gone and not model.everStopped
+                assert not model.stopped or model.standingBy
                 model.paused = False
                 model.committedHandoff = False
+                model.stopped = False
+                model.standingBy = False
+            elif call == "standBy":
+                assert model.paused and model.committedHandoff and not model.gone
+                model.standingBy = True
+            elif call == "resumed":
+                assert not model.paused and not model.stopped
             elif call == "releaseListeners":
                 assert model.committedHandoff and not model.gone
                 model.gone = True
+                model.standingBy = False
             elif call == "closeListeners":
                 assert not model.committedHandoff and not model.gone
                 model.gone = True
@@ -532,14 +592,79 @@ def test_anyInputSequenceKeepsTheInvariants(steps: list[tuple[str, float]]) -> N
                 assert model.openHandoffs == 1
                 model.openHandoffs = 0
             elif call == "beginDrain":
-                assert model.gone
+                assert model.gone or model.standingBy
                 model.stopped = True
-            elif call in ("abortSessions", "terminated"):
+            elif call == "terminated":
+                assert model.stopped and model.gone
+            elif call == "abortSessions":
                 assert model.stopped
-        # Paused (and still holding the listeners) exactly while committed.
-        assert (model.paused and not model.gone) == (after == "committed")
+        # Paused (and still holding the listeners) exactly while committed or standing by.
+        holding = model.paused and not model.gone
+        assert holding == (after == "committed" or model.standingBy)
         assert (model.openHandoffs == 1) == (after in ("handing_off", "committed"))
-        if after in ("draining", "terminated"):
-            assert model.stopped and model.gone
+        if after in ("draining", "retiring", "terminated"):
+            assert model.stopped and (model.gone or model.standingBy)
+        if after in ("retiring", "terminated"):
+            assert model.gone and not model.standingBy
+        if after == "serving":
+            assert not model.paused and not model.gone and not model.stopped
         pending = [c for c in clock.getDelayedCalls() if c.active()]
-        assert len(pending) == (1 if after in ("handing_off", "committed", "draining") else 0)
+        deadlines = ("handing_off", "committed", "draining", "retiring")
+        assert len(pending) == (1 if after in deadlines else 0)
+
+
+# -- the hot standby -----------------------------------------------------------------------------
+
+
+def test_successorLostWhileStandingByResumes() -> None:
+    """
+    A successor lost after it confirmed (while we stand by) makes the generation resume
+    accepting on its paused listeners and serve again with the reason; the drain deadline is
+    cancelled, and a later handoff goes through from the start.
+    """
+    machine, effects, clock = draining()
+    clock.advance(3)
+    machine.successorLost("the successor disconnected")
+    assert effects.take() == ["resumeAccepting", "resumed"]
+    assert effects.reasons == ["the successor disconnected"]
+    assert machine.describe() == "serving"
+    assert clock.getDelayedCalls() == []
+    clock.advance(DRAIN)
+    assert effects.calls == []
+    assert machine.requestHandoff() is True
+    assert machine.commit() is True
+    assert machine.successorAccepting() is True
+    [deadline] = clock.getDelayedCalls()
+    assert deadline.getTime() == 3 + DRAIN + DRAIN
+
+
+def test_standDownReleasesAndNothingResumes() -> None:
+    """
+    Told to stand down (the successor stops on purpose, or a newer generation takes over from
+    it), the generation releases its paused listeners, keeps its drain deadline, and never
+    resumes when the successor goes afterwards.
+    """
+    machine, effects, clock = draining()
+    clock.advance(10)
+    machine.standDown()
+    assert effects.take() == ["releaseListeners"]
+    [deadline] = clock.getDelayedCalls()
+    assert deadline.getTime() == DRAIN
+    machine.successorLost("the successor disconnected")
+    machine.standDown()
+    assert effects.calls == []
+    clock.advance(DRAIN - 10)
+    assert effects.take() == ["abortSessions", "terminated"]
+    assert machine.describe() == "terminated"
+
+
+def test_standDownIgnoredUnlessStandingBy() -> None:
+    """
+    standDown changes nothing while serving, handing off, committed, retiring or terminated.
+    """
+    for make in (makeMachine, handingOff, committed, retiring, terminated):
+        machine, effects, clock = make()
+        state = machine.describe()
+        machine.standDown()
+        assert effects.calls == [], state
+        assert machine.describe() == state

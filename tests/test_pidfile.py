@@ -106,3 +106,57 @@ def test_livePid(workdir: Path) -> None:
     assert pidfile.livePid(str(path)) is None
     pidfile.claim(str(path), 999999999)
     assert pidfile.livePid(str(path)) is None
+
+
+def test_claimNeverWritesThroughAPlantedSymlink(workdir: Path) -> None:
+    """
+    A symbolic link planted at the pidfile's path (or at the temporary name earlier versions
+    used) is replaced, never written through: the file it points to keeps its content.
+    """
+    victim = workdir / "victim"
+    victim.write_text("precious\n")
+    path = workdir / "app.pid"
+    os.symlink(victim, path)
+    os.symlink(victim, workdir / f"app.pid.{os.getpid()}.tmp")
+    pidfile.claim(str(path), os.getpid())
+    assert victim.read_text() == "precious\n"
+    assert not path.is_symlink()
+    assert path.read_text() == f"{os.getpid()}\n"
+    assert pidfile.read(str(path)) == os.getpid()
+
+
+def test_readIgnoresASymlink(workdir: Path) -> None:
+    """
+    read does not follow a symbolic link (a pidfile never is one), so release never removes one.
+    """
+    target = workdir / "target"
+    target.write_text("1234\n")
+    os.symlink(target, workdir / "app.pid")
+    assert pidfile.read(str(workdir / "app.pid")) is None
+    assert pidfile.release(str(workdir / "app.pid"), 1234) is False
+    assert target.exists()
+
+
+def test_claimReplacesAFileOfAnotherUser(workdir: Path) -> None:
+    """
+    A pidfile planted by another user is replaced by one of ours with mode 0644 (the other user
+    can no longer rewrite it), created under a random name, none left behind.
+    """
+    if os.geteuid() != 0:
+        import pytest
+
+        pytest.skip("needs root to plant a file of another uid")
+    path = workdir / "app.pid"
+    path.write_text("1\n")
+    os.chown(path, 65534, 65534)
+    os.chmod(path, 0o666)
+    old = os.umask(0)
+    try:
+        pidfile.claim(str(path), 4321)
+    finally:
+        os.umask(old)
+    st = os.lstat(path)
+    assert st.st_uid == os.geteuid()
+    assert st.st_mode & 0o777 == 0o644
+    assert path.read_text() == "4321\n"
+    assert sorted(os.listdir(workdir)) == ["app.pid"]

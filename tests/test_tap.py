@@ -53,7 +53,7 @@ def test_defaults(workdir: Path) -> None:
     assert options["control"] == str(workdir / "graceful.sock")
     [spec] = options["ports"]
     assert (spec.kind, spec.port) == ("tcp", 8080)
-    assert (options["handoff-timeout"], options["confirm-timeout"]) == (30.0, 10.0)
+    assert (options["handoff-timeout"], options["confirm-timeout"]) == (30.0, 0.5)
     assert options["drain-timeout"] == 60.0
     assert options["takeover"] is None
     assert options["pidfile"] == ""
