@@ -36,12 +36,21 @@ __all__ = ["CtlError", "checkVersion", "describeConnectFailure", "main"]
 
 def toJson(value: Any) -> str:
     """
-    C{value} as one line of JSON, keys sorted.  (C{json} is imported here, not at the top: the
-    text output does not need its 1-2 ms.)
+    C{value} as one line of JSON, keys sorted, without the optional fields the server did not
+    send (AMP has no null: a field decoded as None was absent).  (C{json} is imported here, not
+    at the top: the text output does not need its 1-2 ms.)
     """
     import json
 
-    return json.dumps(value, sort_keys=True)
+    return json.dumps(_sent(value), sort_keys=True)
+
+
+def _sent(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _sent(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_sent(v) for v in value]
+    return value
 
 
 #: Seconds a status (or stop) exchange may take, connecting included, unless told otherwise.
