@@ -9,7 +9,15 @@ from typing import Any
 
 from twisted.internet.task import Clock
 
-from graceful_plugin.control import Accepting, Commit, ReportSessions, Status
+from graceful_plugin.control import (
+    PROTOCOL_VERSION,
+    Accepting,
+    Commit,
+    Hello,
+    ReportSessions,
+    StandDown,
+    Status,
+)
 from graceful_plugin.draining import PRUNE_INTERVAL, DrainingView
 from tests.test_control import ControlTestCase
 
@@ -157,16 +165,19 @@ class ServerViewTests(ControlTestCase):
 
     def test_drainingGenerationReportsToTheControlPathWhenItsSuccessorGoes(self) -> None:
         """
-        After a confirmed handoff, a draining generation that loses its successor's link
-        connects to the control path (to report to whoever serves it now).
+        After a confirmed handoff, a draining generation told to stand down (a newer one took
+        over from its successor) that then loses its successor's link connects to the control
+        path, to report to whoever serves now.
         """
         self.web.sessions.opened(object())  # a session keeps us draining
         successor, _, pump = self.connect()
-        self.hello(pump, successor)
+        self.call(pump, successor, Hello, version=PROTOCOL_VERSION, pid=4242, standby=True)
         self.takeAll(pump, successor)
         self.call(pump, successor, Commit)
         self.call(pump, successor, Accepting)
         self.assertEqual(self.state(), "draining")
+        self.call(pump, successor, StandDown, reason="generation 3 takes over")
+        self.assertEqual(self.state(), "retiring")
         before = len(self.reactor.unixClients)
         successor.transport.loseConnection()  # type: ignore[union-attr]
         pump.flush()
@@ -180,7 +191,8 @@ class ServerViewTests(ControlTestCase):
         state terminated, with how long it drained and the generations still draining behind
         it.
         """
-        older = object()
+        # A link that has closed already (nothing to tell it when we hand over in turn).
+        older = _ClosedLink()
         self.server.draining.alive = lambda pid: True
         self.server.adoptPredecessorLink(older)  # type: ignore[arg-type]
         self.server.reportSessions(older, [entry(5, 0, 1)])  # type: ignore[arg-type]
@@ -215,6 +227,14 @@ class ServerViewTests(ControlTestCase):
         self.assertGreaterEqual(reports[-1][0]["since"], 0.0)
         self.assertEqual(reports[-1][0]["sessions"], 0)
         self.assertEqual([e["pid"] for e in reports[-1][1:]], [5])
+
+
+class _ClosedLink:
+    """
+    A predecessor's link that has closed already.
+    """
+
+    transport = None
 
 
 class _Reporter:
