@@ -21,7 +21,15 @@ from graceful_plugin.figures import PHASES
 from graceful_plugin.listeners import ListenerSpec, findMatch, parseListener
 
 #: The states a generation reports in C{graceful_state} (C{starting}: not serving yet).
-STATES = ("starting", "serving", "handing_off", "committed", "draining", "terminated")
+STATES = (
+    "starting",
+    "serving",
+    "handing_off",
+    "committed",
+    "draining",
+    "retiring",
+    "terminated",
+)
 
 #: The listener kinds that can serve the metrics.
 METRICS_KINDS = ("tcp", "tcp6", "unix")
