@@ -82,13 +82,76 @@ class DrainableHTTPChannel(http.HTTPChannel):
         return bool(super().checkPersistence(request, version))
 
 
+@implementer(IDrainable)
+class DrainableChannelSwitch(http._GenericHTTPChannelProtocol):  # type: ignore[misc]
+    """
+    The protocol a L{server.Site} builds (Twisted's private C{_GenericHTTPChannelProtocol}: it
+    starts as HTTP/1.1 and becomes an HTTP/2 connection when TLS negotiated C{h2} with ALPN),
+    made L{IDrainable}: both channels it switches between drain politely.
+
+    C{twisted.web.http} builds its HTTP/2 connection inside C{dataReceived}; this class does
+    the same switch (the same steps, in the same order) to build
+    L{graceful_plugin.http2.DrainableH2Connection} instead, and hands the rest to Twisted.
+    """
+
+    _draining = False
+
+    def drain(self) -> None:
+        self._draining = True
+        drainable = IDrainable(self._channel, None)
+        if drainable is not None:
+            drainable.drain()
+
+    def dataReceived(self, data: bytes) -> None:
+        switched = False
+        if self._negotiatedProtocol is None:
+            negotiated = getattr(self._channel.transport, "negotiatedProtocol", None)
+            if negotiated == b"h2" and http.H2_ENABLED:
+                self._switchToHTTP2()
+                switched = True
+        super().dataReceived(data)
+        if switched and self._draining:
+            # Drained before its first bytes: the GOAWAY goes after the client's preface and
+            # settings are answered (an h2 client takes no frame after a GOAWAY).
+            self._channel.drain()
+
+    def _switchToHTTP2(self) -> None:
+        from graceful_plugin.http2 import DrainableH2Connection
+
+        networkProducer = self._channel._networkProducer
+        networkProducer.unregisterProducer()
+        self._channel.setTimeout(None)
+        transport = self._channel.transport
+        self._channel = DrainableH2Connection(reactor=getattr(self._factory, "reactor", None))
+        self._channel.requestFactory = self._requestFactory
+        self._channel.site = self._site
+        self._channel.factory = self._factory
+        self._channel.timeOut = self._timeOut
+        self._channel.callLater = self._callLater
+        self._channel.makeConnection(transport)
+        networkProducer.registerProducer(self._channel, True)
+        self._negotiatedProtocol = b"h2"  # type: ignore[assignment]
+
+
+def _drainableChannel(factory: http.HTTPFactory) -> DrainableChannelSwitch:
+    return DrainableChannelSwitch(DrainableHTTPChannel())
+
+
+class DrainableSite(server.Site):
+    """
+    A L{server.Site} whose connections drain politely: HTTP/1.x with ``Connection: close`` and
+    closing idle connections between requests, HTTP/2 (negotiated with ALPN on TLS, exactly as
+    Twisted's own site does it) with GOAWAY.
+    """
+
+    protocol = _drainableChannel  # type: ignore[assignment]
+
+
 def drainableSite(root: resource.IResource, **kwargs: Any) -> server.Site:
     """
     A L{server.Site} whose channels drain politely.
     """
-    site = server.Site(root, **kwargs)
-    site.protocol = DrainableHTTPChannel  # type: ignore[method-assign, assignment]
-    return site
+    return DrainableSite(root, **kwargs)
 
 
 _CHUNK = b"x" * 65536

@@ -190,11 +190,13 @@ def test_persistentConnectionPoolSeesNoErrorAcrossTakeovers(
 
 
 def _channel() -> tuple[DrainableHTTPChannel, StringTransport, Clock]:
-    channel = demoSite(lambda: 1).buildProtocol(None)
+    switch = demoSite(lambda: 1).buildProtocol(None)
     clock = Clock()
-    channel.callLater = clock.callLater
+    switch.callLater = clock.callLater
     transport = StringTransport()
-    channel.makeConnection(transport)
+    switch.makeConnection(transport)
+    channel = switch._channel
+    assert isinstance(channel, DrainableHTTPChannel)
     return channel, transport, clock
 
 

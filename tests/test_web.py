@@ -15,13 +15,23 @@ from twisted.web import resource, server
 from zope.interface.verify import verifyObject
 
 from graceful_plugin.sessions import IDrainable, drainableOf
-from graceful_plugin.web import DrainableHTTPChannel, demoSite, drainableSite
+from graceful_plugin.web import (
+    DrainableChannelSwitch,
+    DrainableHTTPChannel,
+    demoSite,
+    drainableSite,
+)
 
 
 def connect(site: server.Site) -> tuple[DrainableHTTPChannel, StringTransport]:
-    channel = site.buildProtocol(None)
+    """
+    Connect a site's protocol to a L{StringTransport}: the HTTP/1.1 channel inside the switch.
+    """
+    switch = site.buildProtocol(None)
     transport = StringTransport()
-    channel.makeConnection(transport)
+    switch.makeConnection(transport)
+    channel = switch._channel
+    assert isinstance(channel, DrainableHTTPChannel)
     return channel, transport
 
 
@@ -260,7 +270,16 @@ def test_notDrainingStaysPersistent() -> None:
 
 def test_drainSiteUsesDrainableChannel() -> None:
     """
-    drainableSite builds a Site whose protocol is the drainable channel.
+    drainableSite builds a Site whose protocol is Twisted's HTTP/1.1-or-HTTP/2 switch, made
+    drainable, around the drainable HTTP/1.1 channel; draining the switch drains that channel.
     """
     site = drainableSite(resource.Resource())
-    assert site.protocol is DrainableHTTPChannel
+    switch = site.buildProtocol(None)
+    assert isinstance(switch, DrainableChannelSwitch)
+    assert verifyObject(IDrainable, switch)
+    assert isinstance(switch._channel, DrainableHTTPChannel)
+    assert site.acceptableProtocols() == server.Site(resource.Resource()).acceptableProtocols()
+    transport = StringTransport()
+    switch.makeConnection(transport)
+    switch.drain()
+    assert switch._channel._draining
