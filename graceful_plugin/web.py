@@ -4,7 +4,11 @@ HTTP: a channel that drains politely, and the demo application served when no ot
 
 from __future__ import annotations
 
+import fcntl
 import os
+import struct
+import termios
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,10 +28,15 @@ class DrainableHTTPChannel(http.HTTPChannel):
     closes an idle persistent connection between requests only, never while a request may be
     arriving.
 
-    A connection idle when draining starts is closed only if it stays quiet for L{idleGrace}
-    seconds: a pooling client that reuses it sooner (its next request may already be on the
-    wire) gets its answer, with ``Connection: close``, instead of a connection closed under its
-    request.  A connection that has not sent its first request yet is never closed as idle.
+    A connection idle when draining starts is closed only once it has stayed quiet long
+    enough: L{idleGrace} seconds after draining started, and twice the longest pause seen
+    between two requests on one connection (its own, or any of its site's, which is all a
+    connection that served one request can go by), counted from its last response.  A pooling
+    client that comes back at its usual pace (its next request may already be on the wire)
+    gets its answer, with ``Connection: close``, instead of a connection closed under its
+    request or an EOF that a load generator such as wrk counts as a read error.  Nor is it
+    closed while a byte it sent sits unread in the kernel.  A connection that has not sent its
+    first request yet is never closed as idle.
     """
 
     #: Seconds an idle connection must stay quiet after draining starts before it is closed.
@@ -40,6 +49,12 @@ class DrainableHTTPChannel(http.HTTPChannel):
     # Bumped on every byte received: the idle check closes only a connection that stayed quiet.
     _activity = 0
     _idleCheck: Any = None
+    # When the last response was sent, and the longest pause seen before a following request.
+    _lastDone: float | None = None
+    _longestPause = 0.0
+    _drainStarted = 0.0
+    # Set by the site that builds the channel.
+    site: Any = None
 
     def drain(self) -> None:
         self._draining = True
@@ -49,15 +64,50 @@ class DrainableHTTPChannel(http.HTTPChannel):
                 last.responseHeaders.setRawHeaders(b"connection", [b"close"])
             self.persistent = False
         elif self._idle() and self._served and self._idleCheck is None:
-            activity = self._activity
-            self._idleCheck = self.callLater(self.idleGrace, lambda: self._closeIfQuiet(activity))
+            self._drainStarted = self._now()
+            self._scheduleIdleCheck(self._quietLeft())
+
+    def _quietLeft(self) -> float:
+        # Seconds this idle connection must still stay quiet before it may be closed.  The pace
+        # is read again at every check: the site learns it from every connection meanwhile.
+        now = self._now()
+        left = self._drainStarted + self.idleGrace - now
+        if self._lastDone is not None:
+            pause = max(self._longestPause, getattr(self.site, "longestPause", 0.0))
+            left = max(left, self._lastDone + 2 * pause - now)
+        return left
+
+    def _scheduleIdleCheck(self, delay: float) -> None:
+        activity = self._activity
+        self._idleCheck = self.callLater(delay, lambda: self._closeIfQuiet(activity))
 
     def _closeIfQuiet(self, activity: int) -> None:
         self._idleCheck = None
-        if activity == self._activity and self._idle() and not self.requests:
-            self.loseConnection()
+        if activity != self._activity or not self._idle() or self.requests:
+            return
+        left = self._quietLeft()
+        if left > 0.001:
+            self._scheduleIdleCheck(left)
+            return
+        if _unreadBytes(self.transport):
+            # A request arrived after the reactor last looked: it is read and answered (with
+            # Connection: close) rather than reset by a close.
+            self._scheduleIdleCheck(self.idleGrace)
+            return
+        self.loseConnection()
+
+    def _now(self) -> float:
+        # The clock the channel's timers run on (the reactor, or a test's Clock).
+        clock = getattr(self.callLater, "__self__", None)
+        seconds = getattr(clock, "seconds", None)
+        return float(seconds()) if seconds is not None else time.time()
 
     def dataReceived(self, data: bytes) -> None:
+        if self._lastDone is not None and not self.requests and self._idle():
+            pause = self._now() - self._lastDone
+            self._longestPause = max(self._longestPause, pause)
+            if pause > getattr(self.site, "longestPause", pause):
+                self.site.longestPause = pause
         self._activity += 1
         super().dataReceived(data)
 
@@ -69,6 +119,7 @@ class DrainableHTTPChannel(http.HTTPChannel):
 
     def requestDone(self, request: Any) -> None:
         self._served = True
+        self._lastDone = self._now()
         super().requestDone(request)
 
     def _idle(self) -> bool:
@@ -80,6 +131,23 @@ class DrainableHTTPChannel(http.HTTPChannel):
             request.responseHeaders.setRawHeaders(b"connection", [b"close"])
             return False
         return bool(super().checkPersistence(request, version))
+
+
+def _unreadBytes(transport: Any) -> int:
+    """
+    How many bytes wait unread in the kernel for C{transport}'s socket (looking through TLS);
+    0 when there is no socket to ask.
+    """
+    for _ in range(4):
+        sock = getattr(transport, "socket", None)
+        if sock is not None:
+            try:
+                raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+            except (OSError, ValueError):
+                return 0
+            return int(struct.unpack("i", raw)[0])
+        transport = getattr(transport, "transport", None)
+    return 0
 
 
 @implementer(IDrainable)
@@ -145,6 +213,10 @@ class DrainableSite(server.Site):
     """
 
     protocol = _drainableChannel  # type: ignore[assignment]
+
+    #: The longest pause seen between two requests on one connection of this site, in seconds:
+    #: how long its clients may leave a persistent connection idle before they reuse it.
+    longestPause = 0.0
 
 
 def drainableSite(root: resource.IResource, **kwargs: Any) -> server.Site:
