@@ -7,6 +7,9 @@ successor running version 2 of the application while clients run.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -17,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.procs import Processes, freePort
-from tests.test_listener_kinds import makeCertificate
+from tests.test_listener_kinds import NamespacedServer, makeCertificate, netns  # noqa: F401 (a fixture)
 
 httpx = pytest.importorskip("httpx", reason="the framework tests need the test extra")
 pytest.importorskip("flask", reason="the framework tests need the test extra")
@@ -272,3 +275,47 @@ def test_http2AcrossTakeovers(procs: Processes, workdir: Path) -> None:
     assert set(versions) == {"HTTP/2"}
     seen = sum(running.seen.values(), Counter())
     assert seen["flask v1"] > 0 and seen["flask v2"] > 0
+
+
+_ENVIRON_CLIENT = """
+import socket, sys
+port = int(sys.argv[1])
+info = socket.getaddrinfo("fe80::1%veth-a", port, socket.AF_INET6, socket.SOCK_STREAM)
+with socket.socket(socket.AF_INET6) as s:
+    s.settimeout(20)
+    s.connect(info[0][4])
+    host = b"[fe80::1%%25veth-a]:%d" % port
+    s.sendall(b"GET /environ HTTP/1.1\\r\\nHost: " + host + b"\\r\\nConnection: close\\r\\n\\r\\n")
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+print(data.partition(b"\\r\\n\\r\\n")[2].decode())
+"""
+
+
+def test_flaskOnLinkLocalIPv6WithScope(procs: Processes, workdir: Path, netns: str) -> None:  # noqa: F811
+    """
+    Flask on an IPv6 link-local listener with its scope (fe80::1%veth-a, in a network namespace
+    of the test's own) sees the peer with its scope in REMOTE_ADDR, and the listening port.
+    """
+    port = 8080
+    server = NamespacedServer(
+        workdir,
+        ["--port", f"tcp6:{port}:interface=fe80::1%veth-a", "--control", "c.sock"]
+        + ["--wsgi", "tests.apps.flask_v1.app"],
+        "gen1",
+    )
+    server.namespace = netns
+    procs.servers.append(server)
+    server.start(ENV).waitServing()
+    done = subprocess.run(
+        ["ip", "netns", "exec", netns, sys.executable, "-c", _ENVIRON_CLIENT, str(port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    environ = json.loads(done.stdout)
+    assert environ["REMOTE_ADDR"] == "fe80::1%veth-a"
+    assert environ["SERVER_PORT"] == str(port)
+    assert environ["wsgi.url_scheme"] == "http"
