@@ -26,10 +26,11 @@ from twisted.web._http2 import H2Connection
 from zope.interface import implementer
 
 from graceful_plugin.sessions import IDrainable
+from graceful_plugin.web import DrainCallbacks
 
 
 @implementer(IDrainable)
-class DrainableH2Connection(H2Connection):  # type: ignore[misc]
+class DrainableH2Connection(DrainCallbacks, H2Connection):  # type: ignore[misc]
     """
     Twisted's HTTP/2 connection, made L{IDrainable}: GOAWAY once idle, then close.
     """
@@ -57,6 +58,7 @@ class DrainableH2Connection(H2Connection):  # type: ignore[misc]
             self._goAway()
         else:
             self._busyCall = self.callLater(self.busyGrace, self._goAway)
+        self._fireDrainCallbacks()
 
     def _goAway(self) -> None:
         if self.lastStreamID is not None or self.transport is None:

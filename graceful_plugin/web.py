@@ -14,15 +14,67 @@ from typing import Any
 
 from twisted.internet.interfaces import IPullProducer
 from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, pages, resource, server
 from zope.interface import implementer
 
 from graceful_plugin.sessions import IDrainable
 
+_log = Logger()
+
+
+class DrainCallbacks:
+    """
+    Callbacks an application registers (with L{whenDraining}) on the connection that carries a
+    long response, called once when the connection's generation starts draining.
+    """
+
+    _drainCallbacks: list[Callable[[], object]] | None = None
+    _drainFired = False
+
+    def addDrainCallback(self, callback: Callable[[], object]) -> None:
+        """
+        Call C{callback} when draining starts, or now if it has.
+        """
+        if self._drainFired:
+            callback()
+            return
+        if self._drainCallbacks is None:
+            self._drainCallbacks = []
+        self._drainCallbacks.append(callback)
+
+    def _fireDrainCallbacks(self) -> None:
+        if self._drainFired:
+            return
+        self._drainFired = True
+        callbacks, self._drainCallbacks = self._drainCallbacks or [], None
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                _log.failure("a drain callback failed")
+
+
+def whenDraining(request: Any, callback: Callable[[], object]) -> None:
+    """
+    Call C{callback} (with no arguments) when the generation serving C{request} starts draining,
+    or at once if it already has: a long response (server-sent events, a long poll) ends itself
+    politely then, instead of at the drain deadline.  Works for HTTP/1.x and HTTP/2 requests of a
+    site graceful serves.
+
+    @raise TypeError: if C{request} is not served by such a site.
+    """
+    channel = request.channel
+    # An HTTP/2 request's channel is its stream; the callbacks live on the connection.
+    target = getattr(channel, "_conn", channel)
+    if not isinstance(target, DrainCallbacks):
+        raise TypeError("the request is not served by a draining site of graceful")
+    target.addDrainCallback(callback)
+
 
 @implementer(IDrainable)
-class DrainableHTTPChannel(http.HTTPChannel):
+class DrainableHTTPChannel(DrainCallbacks, http.HTTPChannel):
     """
     An HTTP/1.x channel that, once its generation drains, answers with ``Connection: close`` and
     closes an idle persistent connection between requests only, never while a request may be
@@ -66,6 +118,8 @@ class DrainableHTTPChannel(http.HTTPChannel):
         elif self._idle() and self._served and self._idleCheck is None:
             self._drainStarted = self._now()
             self._scheduleIdleCheck(self._quietLeft())
+        # Last: a response that ends itself now closes the connection after it.
+        self._fireDrainCallbacks()
 
     def _quietLeft(self) -> float:
         # Seconds this idle connection must still stay quiet before it may be closed.  The pace

@@ -21,7 +21,7 @@ from zope.interface.verify import verifyObject  # noqa: E402
 
 from graceful_plugin.http2 import DrainableH2Connection  # noqa: E402
 from graceful_plugin.sessions import IDrainable, drainableOf  # noqa: E402
-from graceful_plugin.web import drainableSite  # noqa: E402
+from graceful_plugin.web import drainableSite, whenDraining  # noqa: E402
 
 
 class Slow(resource.Resource):
@@ -209,3 +209,38 @@ def test_drainBeforeNegotiationReachesH2() -> None:
     events = client.receive_data(transport.value())
     assert any(isinstance(e, h2.events.ConnectionTerminated) for e in events)
     assert isinstance(switch._channel, DrainableH2Connection)
+
+
+class Events(resource.Resource):
+    """
+    An endless response that ends itself when its connection drains.
+    """
+
+    isLeaf = True
+
+    def render_GET(self, request: server.Request) -> Any:
+        request.write(b"data: hello\n\n")
+
+        def goodbye() -> None:
+            request.write(b"retry: 0\n\n")
+            request.finish()
+
+        whenDraining(request, goodbye)
+        return server.NOT_DONE_YET
+
+
+def test_longStreamEndsItselfThenGoAway() -> None:
+    """
+    An HTTP/2 stream that registered with whenDraining ends itself when the connection drains,
+    and the GOAWAY follows it at once, naming it as the last stream.
+    """
+    client = Client(Events())
+    stream = client.get("/events")
+    client.pump()
+    assert client.body(stream) == b"data: hello\n\n"
+    client.switch.drain()
+    client.pump()
+    assert client.ended(stream)
+    assert client.body(stream) == b"data: hello\n\nretry: 0\n\n"
+    [goAway] = client.of(h2.events.ConnectionTerminated)
+    assert goAway.last_stream_id == stream
