@@ -187,10 +187,10 @@ def test_pooledClientsAcrossTenTakeovers(procs: Processes, workdir: Path) -> Non
     try:
         pending = successor(2)
         for n in range(2, 12):
-            # Each generation serves every kind of client for a while (one or two requests per
+            # Each generation serves every kind of client for a while (about two requests per
             # connection) before it is taken over: it learns their pace (see
             # DrainableHTTPChannel), as a generation that lives longer than seconds does.
-            tally.waitAnswered(current.pid, names, 6)
+            tally.waitAnswered(current.pid, names, 8)
             (workdir / f"ready{n}").touch()
             pending.waitFor(r"took over from pid %d" % current.pid, timeout=60)
             old.append(current)
