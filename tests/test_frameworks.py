@@ -143,8 +143,8 @@ def test_flaskOnEveryListenerKind(procs: Processes, workdir: Path) -> None:
 def test_djangoAndKleinAcrossTakeover(procs: Processes, workdir: Path) -> None:
     """
     A Django project served with ``--wsgi`` and a Klein application served with ``--resource``
-    (two servers side by side) are each replaced by version 2 while a client polls each, with no
-    failed request.
+    (two servers side by side, each on a TCP and a Unix listener) are each replaced by version 2
+    while a client polls each listener, with no failed request.
     """
     pytest.importorskip("django")
     pytest.importorskip("klein")
@@ -164,13 +164,16 @@ def test_djangoAndKleinAcrossTakeover(procs: Processes, workdir: Path) -> None:
     for name, (option, v1, _) in apps.items():
         port = freePort()
         urls[name] = f"http://127.0.0.1:{port}/"
+        listeners = ["--port", f"tcp:{port}:interface=127.0.0.1", "--port", f"unix:{name}.web"]
         firsts[name] = procs.server(
-            ["--port", f"tcp:{port}:interface=127.0.0.1", "--control", f"{name}.sock", option, v1],
-            f"{name}1",
+            [*listeners, "--control", f"{name}.sock", option, v1], f"{name}1"
         ).start(ENV)
     for server in firsts.values():
         server.waitServing()
     pools = {name: httpx.Client(base_url=url) for name, url in urls.items()}
+    for name in apps:
+        unix = httpx.HTTPTransport(uds=str(workdir / f"{name}.web"))
+        pools[f"{name}-unix"] = httpx.Client(transport=unix, base_url="http://app.local/")
     calls = {name: (lambda c=client: c.get("/").text) for name, client in pools.items()}
     with Clients(calls) as running:
         seconds = {
@@ -185,8 +188,9 @@ def test_djangoAndKleinAcrossTakeover(procs: Processes, workdir: Path) -> None:
         client.close()
     assert running.errors == []
     for name in apps:
-        assert running.seen[name][f"{name} v1"] > 0
-        assert running.seen[name][f"{name} v2"] > 0
+        for poller in (name, f"{name}-unix"):
+            assert running.seen[poller][f"{name} v1"] > 0, poller
+            assert running.seen[poller][f"{name} v2"] > 0, poller
 
 
 def test_webSocketIsClosedWithGoingAwayOnDrain(procs: Processes, workdir: Path) -> None:
