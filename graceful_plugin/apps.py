@@ -80,13 +80,15 @@ class Application:
         kinds, the factory itself for ``factory``.
         """
         from graceful_plugin.web import drainableSite
+        from graceful_plugin.websocket import registerDrainAdapters
 
+        registerDrainAdapters()
         if self.kind == "factory":
             if isDatagramProtocol(self.obj):
                 return self.obj
             return _asFactory(self.obj, self.name)
         if self.kind == "wsgi":
-            from twisted.web.wsgi import WSGIResource
+            from graceful_plugin.wsgi import WSGIResource
 
             if reactor is None:
                 from twisted.internet import reactor as _reactor
@@ -140,6 +142,12 @@ def importObject(dotted: str) -> Any:
                 " (is it on PYTHONPATH?)"
             ) from None
         raise ApplicationError(f"importing {moduleName!r} failed: {_describe(e)}") from None
+    except SystemExit as e:
+        # An application that exits at import would otherwise end the process with its status
+        # and not a word in the log.
+        raise ApplicationError(
+            f"importing {moduleName!r} failed: it called sys.exit({e.code!r})"
+        ) from None
     except Exception as e:
         raise ApplicationError(f"importing {moduleName!r} failed: {_describe(e)}") from None
     obj: Any = module
@@ -190,6 +198,10 @@ def _asResource(obj: Any, name: str) -> Any:
 def _call(obj: Any, name: str) -> Any:
     try:
         return obj()
+    except SystemExit as e:
+        raise ApplicationError(
+            f"{name}: calling it failed: it called sys.exit({e.code!r})"
+        ) from None
     except Exception as e:
         raise ApplicationError(f"{name}: calling it failed: {_describe(e)}") from None
 

@@ -4,30 +4,91 @@ HTTP: a channel that drains politely, and the demo application served when no ot
 
 from __future__ import annotations
 
+import fcntl
 import os
+import struct
+import termios
+import time
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IPullProducer
 from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, pages, resource, server
 from zope.interface import implementer
 
 from graceful_plugin.sessions import IDrainable, IInFlight
 
+_log = Logger()
+
+
+class DrainCallbacks:
+    """
+    Callbacks an application registers (with L{whenDraining}) on the connection that carries a
+    long response, called once when the connection's generation starts draining.
+    """
+
+    _drainCallbacks: list[Callable[[], object]] | None = None
+    _drainFired = False
+
+    def addDrainCallback(self, callback: Callable[[], object]) -> None:
+        """
+        Call C{callback} when draining starts, or now if it has.
+        """
+        if self._drainFired:
+            callback()
+            return
+        if self._drainCallbacks is None:
+            self._drainCallbacks = []
+        self._drainCallbacks.append(callback)
+
+    def _fireDrainCallbacks(self) -> None:
+        if self._drainFired:
+            return
+        self._drainFired = True
+        callbacks, self._drainCallbacks = self._drainCallbacks or [], None
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                _log.failure("a drain callback failed")
+
+
+def whenDraining(request: Any, callback: Callable[[], object]) -> None:
+    """
+    Call C{callback} (with no arguments) when the generation serving C{request} starts draining,
+    or at once if it already has: a long response (server-sent events, a long poll) ends itself
+    politely then, instead of at the drain deadline.  Works for HTTP/1.x and HTTP/2 requests of a
+    site graceful serves.
+
+    @raise TypeError: if C{request} is not served by such a site.
+    """
+    channel = request.channel
+    # An HTTP/2 request's channel is its stream; the callbacks live on the connection.
+    target = getattr(channel, "_conn", channel)
+    if not isinstance(target, DrainCallbacks):
+        raise TypeError("the request is not served by a draining site of graceful")
+    target.addDrainCallback(callback)
+
 
 @implementer(IDrainable, IInFlight)
-class DrainableHTTPChannel(http.HTTPChannel):
+class DrainableHTTPChannel(DrainCallbacks, http.HTTPChannel):
     """
     An HTTP/1.x channel that, once its generation drains, answers with ``Connection: close`` and
     closes an idle persistent connection between requests only, never while a request may be
     arriving.
 
-    A connection idle when draining starts is closed only if it stays quiet for L{idleGrace}
-    seconds: a pooling client that reuses it sooner (its next request may already be on the
-    wire) gets its answer, with ``Connection: close``, instead of a connection closed under its
-    request.  A connection that has not sent its first request yet is never closed as idle.
+    A connection idle when draining starts is closed only once it has stayed quiet long
+    enough: L{idleGrace} seconds after draining started, and twice the longest pause seen
+    between two requests on one connection (its own, or any of its site's, which is all a
+    connection that served one request can go by), counted from its last response.  A pooling
+    client that comes back at its usual pace (its next request may already be on the wire)
+    gets its answer, with ``Connection: close``, instead of a connection closed under its
+    request or an EOF that a load generator such as wrk counts as a read error.  Nor is it
+    closed while a byte it sent sits unread in the kernel.  A connection that has not sent its
+    first request yet is never closed as idle.
     """
 
     #: Seconds an idle connection must stay quiet after draining starts before it is closed.
@@ -40,6 +101,12 @@ class DrainableHTTPChannel(http.HTTPChannel):
     # Bumped on every byte received: the idle check closes only a connection that stayed quiet.
     _activity = 0
     _idleCheck: Any = None
+    # When the last response was sent, and the longest pause seen before a following request.
+    _lastDone: float | None = None
+    _longestPause = 0.0
+    _drainStarted = 0.0
+    # Set by the site that builds the channel.
+    site: Any = None
 
     def drain(self) -> None:
         self._draining = True
@@ -49,15 +116,52 @@ class DrainableHTTPChannel(http.HTTPChannel):
                 last.responseHeaders.setRawHeaders(b"connection", [b"close"])
             self.persistent = False
         elif self._idle() and self._served and self._idleCheck is None:
-            activity = self._activity
-            self._idleCheck = self.callLater(self.idleGrace, lambda: self._closeIfQuiet(activity))
+            self._drainStarted = self._now()
+            self._scheduleIdleCheck(self._quietLeft())
+        # Last: a response that ends itself now closes the connection after it.
+        self._fireDrainCallbacks()
+
+    def _quietLeft(self) -> float:
+        # Seconds this idle connection must still stay quiet before it may be closed.  The pace
+        # is read again at every check: the site learns it from every connection meanwhile.
+        now = self._now()
+        left = self._drainStarted + self.idleGrace - now
+        if self._lastDone is not None:
+            pause = max(self._longestPause, getattr(self.site, "longestPause", 0.0))
+            left = max(left, self._lastDone + 2 * pause - now)
+        return left
+
+    def _scheduleIdleCheck(self, delay: float) -> None:
+        activity = self._activity
+        self._idleCheck = self.callLater(delay, lambda: self._closeIfQuiet(activity))
 
     def _closeIfQuiet(self, activity: int) -> None:
         self._idleCheck = None
-        if activity == self._activity and self._idle() and not self.requests:
-            self.loseConnection()
+        if activity != self._activity or not self._idle() or self.requests:
+            return
+        left = self._quietLeft()
+        if left > 0.001:
+            self._scheduleIdleCheck(left)
+            return
+        if _unreadBytes(self.transport):
+            # A request arrived after the reactor last looked: it is read and answered (with
+            # Connection: close) rather than reset by a close.
+            self._scheduleIdleCheck(self.idleGrace)
+            return
+        self.loseConnection()
+
+    def _now(self) -> float:
+        # The clock the channel's timers run on (the reactor, or a test's Clock).
+        clock = getattr(self.callLater, "__self__", None)
+        seconds = getattr(clock, "seconds", None)
+        return float(seconds()) if seconds is not None else time.time()
 
     def dataReceived(self, data: bytes) -> None:
+        if self._lastDone is not None and not self.requests and self._idle():
+            pause = self._now() - self._lastDone
+            self._longestPause = max(self._longestPause, pause)
+            if pause > getattr(self.site, "longestPause", pause):
+                self.site.longestPause = pause
         self._activity += 1
         super().dataReceived(data)
 
@@ -69,6 +173,7 @@ class DrainableHTTPChannel(http.HTTPChannel):
 
     def requestDone(self, request: Any) -> None:
         self._served = True
+        self._lastDone = self._now()
         super().requestDone(request)
 
     def _idle(self) -> bool:
@@ -107,13 +212,105 @@ class DrainableHTTPChannel(http.HTTPChannel):
         return found
 
 
+def _unreadBytes(transport: Any) -> int:
+    """
+    How many bytes wait unread in the kernel for C{transport}'s socket (looking through TLS);
+    0 when there is no socket to ask.
+    """
+    for _ in range(4):
+        sock = getattr(transport, "socket", None)
+        if sock is not None:
+            try:
+                raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+            except (OSError, ValueError):
+                return 0
+            return int(struct.unpack("i", raw)[0])
+        transport = getattr(transport, "transport", None)
+    return 0
+
+
+@implementer(IDrainable, IInFlight)
+class DrainableChannelSwitch(http._GenericHTTPChannelProtocol):  # type: ignore[misc]
+    """
+    The protocol a L{server.Site} builds (Twisted's private C{_GenericHTTPChannelProtocol}: it
+    starts as HTTP/1.1 and becomes an HTTP/2 connection when TLS negotiated C{h2} with ALPN),
+    made L{IDrainable}: both channels it switches between drain politely.
+
+    C{twisted.web.http} builds its HTTP/2 connection inside C{dataReceived}; this class does
+    the same switch (the same steps, in the same order) to build
+    L{graceful_plugin.http2.DrainableH2Connection} instead, and hands the rest to Twisted.
+    """
+
+    _draining = False
+
+    def drain(self) -> None:
+        self._draining = True
+        drainable = IDrainable(self._channel, None)
+        if drainable is not None:
+            drainable.drain()
+
+    def inFlight(self) -> list[dict[str, Any]]:
+        """
+        What the channel it switched to has in progress (L{IInFlight}; an HTTP/2 connection
+        names nothing).
+        """
+        inFlight = IInFlight(self._channel, None)
+        return inFlight.inFlight() if inFlight is not None else []
+
+    def dataReceived(self, data: bytes) -> None:
+        switched = False
+        if self._negotiatedProtocol is None:
+            negotiated = getattr(self._channel.transport, "negotiatedProtocol", None)
+            if negotiated == b"h2" and http.H2_ENABLED:
+                self._switchToHTTP2()
+                switched = True
+        super().dataReceived(data)
+        if switched and self._draining:
+            # Drained before its first bytes: the GOAWAY goes after the client's preface and
+            # settings are answered (an h2 client takes no frame after a GOAWAY).
+            self._channel.drain()
+
+    def _switchToHTTP2(self) -> None:
+        from graceful_plugin.http2 import DrainableH2Connection
+
+        networkProducer = self._channel._networkProducer
+        networkProducer.unregisterProducer()
+        self._channel.setTimeout(None)
+        transport = self._channel.transport
+        self._channel = DrainableH2Connection(reactor=getattr(self._factory, "reactor", None))
+        self._channel.requestFactory = self._requestFactory
+        self._channel.site = self._site
+        self._channel.factory = self._factory
+        self._channel.timeOut = self._timeOut
+        self._channel.callLater = self._callLater
+        self._channel.makeConnection(transport)
+        networkProducer.registerProducer(self._channel, True)
+        self._negotiatedProtocol = b"h2"  # type: ignore[assignment]
+
+
+def _drainableChannel(factory: http.HTTPFactory) -> DrainableChannelSwitch:
+    return DrainableChannelSwitch(DrainableHTTPChannel())
+
+
+class DrainableSite(server.Site):
+    """
+    A L{server.Site} whose connections drain politely: HTTP/1.x with ``Connection: close`` and
+    closing idle connections between requests, HTTP/2 (negotiated with ALPN on TLS, exactly as
+    Twisted's own site does it) with GOAWAY.
+    """
+
+    protocol = _drainableChannel  # type: ignore[assignment]
+
+    #: The longest pause seen between two requests on one connection of this site, in seconds:
+    #: how long its clients may leave a persistent connection idle before they reuse it.
+    longestPause = 0.0
+
+
 def drainableSite(root: resource.IResource, **kwargs: Any) -> server.Site:
     """
     A L{server.Site} whose channels drain politely.
     """
-    site = server.Site(root, **kwargs)
-    site.protocol = DrainableHTTPChannel  # type: ignore[method-assign, assignment]
-    return site
+    return DrainableSite(root, **kwargs)
 
 
 _CHUNK = b"x" * 65536

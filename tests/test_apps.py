@@ -127,6 +127,7 @@ def test_rawFactoryIsLoadedAnewBySuccessor(procs: Processes, workdir: Path) -> N
         ("--resource", "tests.apps.echo_v1.missing", "has no attribute 'missing'"),
         ("--wsgi", "tests.apps.broken_import.app", "RuntimeError: this release is broken"),
         ("--path", "no/such/dir", "no such directory"),
+        ("--wsgi", "tests.apps.exits_at_import.app", "it called sys.exit(3)"),
     ],
 )
 def test_badApplicationStopsStartup(workdir: Path, option: str, name: str, sentence: str) -> None:
@@ -186,6 +187,34 @@ def test_takeoverWithBrokenAppLeavesPredecessorServing(procs: Processes, workdir
     assert poller.errors == []
     assert poller.seen[b"wsgi v1"] > 0
     assert httpGet("127.0.0.1", port, "/")[1].startswith(b"wsgi v2 pid %d" % good.pid)
+
+
+def test_badSuccessorsLeavePredecessorServing(procs: Processes, workdir: Path) -> None:
+    """
+    Successors whose application is not WSGI, lacks the attribute named, or calls sys.exit()
+    at import each exit non-zero with one sentence in their log (no traceback, not the
+    application's own status), and the predecessor serves on throughout.
+    """
+    port = freePort()
+    first = procs.server([*_listen(port), "--wsgi", "tests.apps.wsgi_v1.app"], "gen1")
+    first.start(ENV).waitServing()
+    with _Poller(port) as poller:
+        for n, (name, sentence) in enumerate(
+            [
+                ("tests.apps.wsgi_v1.notAnApp", "not a WSGI application"),
+                ("tests.apps.wsgi_v1.missing", "has no attribute 'missing'"),
+                ("tests.apps.exits_at_import.app", "it called sys.exit(3)"),
+            ]
+        ):
+            bad = procs.server(["--takeover", "c.sock", "--wsgi", name], f"bad{n}")
+            bad.start(ENV)
+            status = bad.wait(60)
+            assert status not in (0, 3), (name, status)
+            assert sentence in bad.text(), name
+            assert "Traceback" not in bad.text()
+    assert "handoff" not in first.text()
+    assert poller.errors == []
+    assert httpGet("127.0.0.1", port, "/")[1].startswith(b"wsgi v1 pid %d" % first.pid)
 
 
 def test_failedReadinessRollsBack(procs: Processes, workdir: Path) -> None:

@@ -190,11 +190,13 @@ def test_persistentConnectionPoolSeesNoErrorAcrossTakeovers(
 
 
 def _channel() -> tuple[DrainableHTTPChannel, StringTransport, Clock]:
-    channel = demoSite(lambda: 1).buildProtocol(None)
+    switch = demoSite(lambda: 1).buildProtocol(None)
     clock = Clock()
-    channel.callLater = clock.callLater
+    switch.callLater = clock.callLater
     transport = StringTransport()
-    channel.makeConnection(transport)
+    switch.makeConnection(transport)
+    channel = switch._channel
+    assert isinstance(channel, DrainableHTTPChannel)
     return channel, transport, clock
 
 
@@ -245,3 +247,60 @@ def test_quietConnectionIsClosedAfterGrace() -> None:
     assert not transport.disconnecting
     clock.advance(channel.idleGrace * 0.02)
     assert transport.disconnecting
+
+
+def test_clientAtItsOwnPaceIsAnsweredNotClosed() -> None:
+    """
+    A connection whose client has paused 1.5 s between requests is not closed one idle grace
+    after draining starts: it stays open for twice that pause, so the client's next request,
+    1.5 s after its last, is answered with Connection: close (the EOF wrk counted as an error).
+    """
+    channel, transport, clock = _channel()
+    channel.dataReceived(_GET)
+    clock.advance(1.5)
+    channel.dataReceived(_GET)
+    clock.advance(0.1)
+    transport.clear()
+    channel.drain()
+    clock.advance(channel.idleGrace + 0.3)
+    assert not transport.disconnecting
+    channel.dataReceived(_GET)
+    assert b"\r\nConnection: close\r\n" in transport.value()
+    assert transport.disconnecting
+
+
+def test_pacedConnectionIsClosedAfterTwiceItsPause() -> None:
+    """
+    A connection whose client paused 1.5 s between requests and does not come back is closed
+    once it has been quiet for twice that pause.
+    """
+    channel, transport, clock = _channel()
+    channel.dataReceived(_GET)
+    clock.advance(1.5)
+    channel.dataReceived(_GET)
+    channel.drain()
+    clock.advance(2.9)
+    assert not transport.disconnecting
+    clock.advance(0.2)
+    assert transport.disconnecting
+
+
+def test_unreadRequestIsNotClosedUnder() -> None:
+    """
+    An idle connection whose next request has reached the kernel but not been read yet when its
+    idle check runs is not closed.
+    """
+    channel, transport, clock = _channel()
+    channel.dataReceived(_GET)
+    ours, theirs = socket.socketpair()
+    try:
+        transport.socket = ours  # type: ignore[attr-defined]
+        channel.drain()
+        theirs.sendall(_GET)
+        clock.advance(channel.idleGrace * 1.1)
+        assert not transport.disconnecting
+        channel.dataReceived(ours.recv(1024))
+        assert b"\r\nConnection: close\r\n" in transport.value()
+    finally:
+        ours.close()
+        theirs.close()

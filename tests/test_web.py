@@ -11,17 +11,28 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.web import resource, server
+from twisted.web import http, resource, server
 from zope.interface.verify import verifyObject
 
 from graceful_plugin.sessions import IDrainable, drainableOf
-from graceful_plugin.web import DrainableHTTPChannel, demoSite, drainableSite
+from graceful_plugin.web import (
+    DrainableChannelSwitch,
+    DrainableHTTPChannel,
+    demoSite,
+    drainableSite,
+    whenDraining,
+)
 
 
 def connect(site: server.Site) -> tuple[DrainableHTTPChannel, StringTransport]:
-    channel = site.buildProtocol(None)
+    """
+    Connect a site's protocol to a L{StringTransport}: the HTTP/1.1 channel inside the switch.
+    """
+    switch = site.buildProtocol(None)
     transport = StringTransport()
-    channel.makeConnection(transport)
+    switch.makeConnection(transport)
+    channel = switch._channel
+    assert isinstance(channel, DrainableHTTPChannel)
     return channel, transport
 
 
@@ -260,7 +271,74 @@ def test_notDrainingStaysPersistent() -> None:
 
 def test_drainSiteUsesDrainableChannel() -> None:
     """
-    drainableSite builds a Site whose protocol is the drainable channel.
+    drainableSite builds a Site whose protocol is Twisted's HTTP/1.1-or-HTTP/2 switch, made
+    drainable, around the drainable HTTP/1.1 channel; draining the switch drains that channel.
     """
     site = drainableSite(resource.Resource())
-    assert site.protocol is DrainableHTTPChannel
+    switch = site.buildProtocol(None)
+    assert isinstance(switch, DrainableChannelSwitch)
+    assert verifyObject(IDrainable, switch)
+    assert isinstance(switch._channel, DrainableHTTPChannel)
+    assert site.acceptableProtocols() == server.Site(resource.Resource()).acceptableProtocols()
+    transport = StringTransport()
+    switch.makeConnection(transport)
+    switch.drain()
+    assert switch._channel._draining
+
+
+class Events(resource.Resource):
+    """
+    Server-sent events: an endless response that ends itself when its generation drains.
+    """
+
+    isLeaf = True
+
+    def render_GET(self, request: server.Request) -> Any:
+        request.setHeader(b"content-type", b"text/event-stream")
+        request.write(b"data: hello\n\n")
+
+        def goodbye() -> None:
+            request.write(b"retry: 0\n\n")
+            request.finish()
+
+        whenDraining(request, goodbye)
+        return server.NOT_DONE_YET
+
+
+def test_longResponseEndsItselfOnDrain() -> None:
+    """
+    A long response that registered with whenDraining is told when its connection drains: it
+    ends itself, and the connection closes after it, long before any deadline.
+    """
+    channel, transport = connect(drainableSite(Events()))
+    channel.dataReceived(get(b"/events"))
+    assert b"data: hello" in transport.value()
+    assert not transport.disconnecting
+    channel.drain()
+    assert transport.value().endswith(b"retry: 0\n\n\r\n0\r\n\r\n")
+    assert transport.disconnecting
+
+
+def test_whenDrainingAfterDrainCallsAtOnce() -> None:
+    """
+    A response that registers after its connection started draining is told at once.
+    """
+    channel, transport = connect(drainableSite(Events()))
+    channel.drain()
+    channel.dataReceived(get(b"/events"))
+    assert transport.value().endswith(b"retry: 0\n\n\r\n0\r\n\r\n")
+
+
+def test_whenDrainingRefusesOtherRequests() -> None:
+    """
+    whenDraining refuses, with a TypeError, a request that no draining site of graceful serves.
+    """
+    plain = http.HTTPChannel()
+    plain.makeConnection(StringTransport())
+    request = http.Request(plain)
+    try:
+        whenDraining(request, lambda: None)
+    except TypeError as e:
+        assert "not served by a draining site" in str(e)
+    else:
+        raise AssertionError("no TypeError")

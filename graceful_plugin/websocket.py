@@ -1,0 +1,77 @@
+"""
+WebSockets (autobahn|Twisted, when it is importable): a draining generation closes its open
+WebSocket connections with 1001 "going away", the code RFC 6455 gives a server going down, and
+waits for the closing handshake, so that clients reconnect at once, to the new generation.
+
+Nothing here imports autobahn unless it is installed; graceful does not depend on it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from graceful_plugin.sessions import IDrainable
+
+#: RFC 6455, 7.4.1: "an endpoint is going away, such as a server going down".
+GOING_AWAY = 1001
+REASON = b"server restarting"
+
+_registered = False
+
+
+def sendGoingAway(protocol: Any) -> bool:
+    """
+    Start the closing handshake of an open autobahn WebSocket with code 1001.
+
+    autobahn's public C{sendClose} accepts only 1000 and 3000-4999 (the codes an application
+    may send); 1001 is the server's own, so this goes one level down, to C{sendCloseFrame}, the
+    method C{sendClose} itself ends in (wrapped here and nowhere else).  autobahn then waits for
+    the client's Close (up to its C{closeHandshakeTimeout}) and drops the TCP connection.
+
+    @return: whether a Close frame was sent (only an open connection gets one).
+    """
+    if protocol.state != protocol.STATE_OPEN:
+        return False
+    protocol.sendCloseFrame(code=GOING_AWAY, reasonUtf8=REASON, isReply=False)
+    return True
+
+
+@implementer(IDrainable)
+class WebSocketDrain:
+    """
+    L{IDrainable} for an autobahn WebSocket server protocol: close it with 1001 on drain.  A
+    connection still in its opening handshake is left alone (it becomes open, or fails, soon;
+    the drain deadline closes what is left).
+    """
+
+    log = Logger()
+
+    def __init__(self, protocol: Any) -> None:
+        self.protocol = protocol
+
+    def drain(self) -> None:
+        if sendGoingAway(self.protocol):
+            self.log.debug("sent 1001 going away to {peer}", peer=self.protocol.peer)
+
+
+def registerDrainAdapters() -> bool:
+    """
+    Make autobahn's WebSocket server protocols L{IDrainable} (through a zope adapter, so that
+    L{graceful_plugin.sessions.drainableOf} finds them), if autobahn is importable.
+
+    @return: whether autobahn is there.
+    """
+    global _registered
+    try:
+        from autobahn.twisted.websocket import WebSocketServerProtocol
+    except ImportError:
+        return False
+    if not _registered:
+        from twisted.python.components import registerAdapter
+
+        registerAdapter(WebSocketDrain, WebSocketServerProtocol, IDrainable)
+        _registered = True
+    return True
