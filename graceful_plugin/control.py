@@ -176,6 +176,20 @@ class Status(amp.Command):
         ),
         (b"draining", amp.AmpList(_generationEntry)),
         (b"next", amp.Integer(optional=True)),
+        # Every process of this generation, the leader (index 0) first (graceful_plugin.workers).
+        (
+            b"workers",
+            amp.AmpList(
+                [
+                    (b"index", amp.Integer()),
+                    (b"pid", amp.Integer()),
+                    (b"sessions", amp.Integer()),
+                    (b"restarts", amp.Integer()),
+                    (b"uptime", amp.Float()),
+                ],
+                optional=True,
+            ),
+        ),
     ]
 
 

@@ -83,6 +83,8 @@ class Settings:
     restartDirectory: str = ""
     #: Sockets systemd passed (socket activation), for the first generation's listeners.
     activated: list[Any] = field(default_factory=list)
+    #: How many processes serve in this generation (the leader and workers 1 .. N-1).
+    workers: int = 1
 
 
 class TakeoverFailed(Exception):
@@ -153,6 +155,9 @@ class GracefulServer(service.Service):
         self.restarter = Restarter(self)
         #: Told of every transition (L{graceful_plugin.lifecycle.IGenerationObserver}).
         self.observers: list[Any] = [self.restarter]
+        #: The generation's other worker processes, if any
+        #: (L{graceful_plugin.workerspawn.WorkerSupervisor}): C{describe()} and C{sessions}.
+        self.workers: Any = None
 
     def _tell(self, event: str, *args: Any) -> None:
         """
@@ -625,6 +630,11 @@ class GracefulServer(service.Service):
             raise VersionMismatch(
                 f"this server speaks control protocol {PROTOCOL_VERSION}, the successor {version}"
             )
+        if self.settings.workers > 1:
+            raise HandoffBusy(
+                f"this server runs {self.settings.workers} worker processes, and a takeover of"
+                " a group of workers is not supported yet; stop it and start the new one"
+            )
         if self.machine is None or self._successor is not None:
             raise HandoffBusy("handoff already in progress")
         draining = self.drainingGenerations()
@@ -728,7 +738,21 @@ class GracefulServer(service.Service):
             ],
             "draining": self._drainingEntries(),
             "next": nextStart if nextStart < len(ports) else -1,
+            "workers": self.workerEntries(),
         }
+
+    def workerEntries(self) -> list[dict[str, Any]]:
+        """
+        Every process serving in this generation: the leader (index 0), then its workers.
+        """
+        own = {
+            "index": 0,
+            "pid": os.getpid(),
+            "sessions": self.liveSessions(),
+            "restarts": 0,
+            "uptime": time.monotonic() - self.startedAt,
+        }
+        return [own] + (self.workers.describe() if self.workers is not None else [])
 
     def stop(self, protocol: ControlProtocol, drainTimeout: float | None) -> dict[str, Any]:
         self.reactor.callLater(0, self.stopGracefully, drainTimeout)

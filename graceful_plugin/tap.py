@@ -115,6 +115,20 @@ class Options(usage.Options):
         self["takeover"] = None
         self["application"] = None
         self["app"] = None
+        self["workers"] = 1
+
+    def opt_workers(self, value: str) -> None:
+        """
+        How many processes serve, N or auto (one per CPU this process may run on): this one
+        and N-1 worker processes accepting on the same sockets (default 1: this process
+        alone). A server with more than one cannot be restarted or taken over yet.
+        """
+        try:
+            self["workers"] = parseWorkers(value)
+        except ValueError as e:
+            raise usage.UsageError(f"--workers: {e}") from None
+
+    opt_workers.__doc__ = " ".join((opt_workers.__doc__ or "").split())
 
     def opt_port(self, spec: str) -> None:
         """
@@ -206,6 +220,11 @@ class Options(usage.Options):
         if parent is not None and parent.get("pidfile"):
             self["pidfile"] = os.path.abspath(parent["pidfile"])
             parent["pidfile"] = ""
+        if self["takeover"] and self["workers"] > 1:
+            raise usage.UsageError(
+                "--workers: a takeover of a group of worker processes is not supported yet;"
+                " take over with one process (no --workers), or stop the server and start anew"
+            )
         if self["takeover"]:
             _checkControlSocket(self["control"])
             lowerPriority()
@@ -226,6 +245,24 @@ class Options(usage.Options):
                 f"to replace it, use --takeover {self['control']}"
             )
         self._loadApplication()
+
+
+def parseWorkers(value: str) -> int:
+    """
+    A C{--workers} value: a whole number of at least 1, or C{auto} for one per CPU this
+    process may run on.
+
+    @raise ValueError: with a sentence, for anything else.
+    """
+    if value == "auto":
+        return len(os.sched_getaffinity(0))
+    try:
+        count = int(value)
+    except ValueError:
+        raise ValueError(f"takes a whole number or auto, not {value!r}") from None
+    if count < 1:
+        raise ValueError("must be at least 1")
+    return count
 
 
 def _activatedSockets() -> list[Any]:
@@ -292,6 +329,7 @@ def makeService(options: Options) -> service.IService:
         restartCommand=restartCommand(options.get("restart-command"), options["control"]),
         restartDirectory=os.getcwd(),
         activated=options.get("activated") or [],
+        workers=options["workers"],
     )
     holder: dict[str, GracefulServer] = {}
     app = options["app"]
@@ -307,4 +345,14 @@ def makeService(options: Options) -> service.IService:
     server.observers.append(SystemdNotifications(Notifier.fromEnvironment(), server.reactor))
     top = service.MultiService()
     server.setServiceParent(top)
+    if settings.workers > 1:
+        from graceful_plugin.workerspawn import WorkerSupervisor
+
+        application = list(options["application"]) if options["application"] else None
+        supervisor = WorkerSupervisor(
+            settings.workers, application, settings.drainTimeout, server.reactor
+        )
+        server.workers = supervisor
+        server.observers.append(supervisor)
+        supervisor.setServiceParent(top)
     return top

@@ -295,8 +295,15 @@ class WorkerGroup:
 
         def joined(_: object) -> Deferred[None] | None:
             if self._accepting and not self._retiring:
-                return self._tell(slot, "resume")
+                return self._tell(slot, "resume").addCallback(lambda _: accepting())
             return None
+
+        def accepting() -> None:
+            self.log.info(
+                "worker {index} (pid {pid}) replaced: accepting",
+                index=slot.index,
+                pid=slot.worker.pid if slot.worker is not None else 0,
+            )
 
         d.addCallback(joined)
         # A replacement that fails is replaced in turn (its end schedules the next try).
