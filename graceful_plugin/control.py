@@ -61,6 +61,9 @@ class Hello(amp.Command):
         (b"version", amp.Integer()),
         (b"pid", amp.Integer()),
         (b"generation", amp.Integer()),
+        # How many processes serve in the predecessor's generation (a successor that names no
+        # --workers starts as many).
+        (b"workers", amp.Integer(optional=True)),
     ]
     errors = {HandoffBusy: b"BUSY", VersionMismatch: b"VERSION", NoHandoff: b"NO_HANDOFF"}
 
@@ -272,7 +275,7 @@ class IControlHandler(Interface):
         Answer L{TakeOver}.
         """
 
-    def commit(protocol: ControlProtocol, dropped: list[str] | None = None) -> dict[str, Any]:
+    def commit(protocol: ControlProtocol, dropped: list[str] | None = None) -> Any:
         """
         Answer L{Commit}; C{dropped} names the listeners the successor did not keep.
         """
@@ -450,7 +453,7 @@ class ControlProtocol(amp.AMP):
         return self.handler.takeOver(self, start)
 
     @Commit.responder
-    def _commit(self, dropped: list[str] | None = None) -> dict[str, Any]:
+    def _commit(self, dropped: list[str] | None = None) -> Any:
         return self.handler.commit(self, dropped or [])
 
     @Accepting.responder

@@ -201,12 +201,6 @@ class Restarter(Observer):
                 f"cannot restart: {draining} generation(s) still draining (--max-draining"
                 f" {limit}); try again when they have finished"
             )
-        workers = getattr(server.settings, "workers", 1)
-        if workers > 1:
-            raise RestartFailed(
-                f"cannot restart: this server runs {workers} worker processes, and a takeover of"
-                " a group of workers is not supported yet"
-            )
         command = server.settings.restartCommand
         if not command:
             raise RestartFailed("this server has no command to start a successor with")

@@ -83,7 +83,8 @@ class Settings:
     restartDirectory: str = ""
     #: Sockets systemd passed (socket activation), for the first generation's listeners.
     activated: list[Any] = field(default_factory=list)
-    #: How many processes serve in this generation (the leader and workers 1 .. N-1).
+    #: How many processes serve in this generation (the leader and workers 1 .. N-1); 0 for a
+    #: successor that keeps its predecessor's count.
     workers: int = 1
 
 
@@ -454,7 +455,17 @@ class GracefulServer(service.Service):
             self._closing.append(port.close())
 
     def liveSessions(self) -> int:
-        return sum(port.sessions.count for port in self.ports)
+        """
+        The live sessions of the whole generation: ours and every worker's.
+        """
+        own = sum(port.sessions.count for port in self.ports)
+        return own + (self.workers.sessions if self.workers is not None else 0)
+
+    def workersChanged(self) -> None:
+        """
+        A worker's session count changed (or a worker ended).
+        """
+        self._sessionsChanged()
 
     def beginDrain(self) -> None:
         self._draining = True
@@ -630,11 +641,6 @@ class GracefulServer(service.Service):
             raise VersionMismatch(
                 f"this server speaks control protocol {PROTOCOL_VERSION}, the successor {version}"
             )
-        if self.settings.workers > 1:
-            raise HandoffBusy(
-                f"this server runs {self.settings.workers} worker processes, and a takeover of"
-                " a group of workers is not supported yet; stop it and start the new one"
-            )
         if self.machine is None or self._successor is not None:
             raise HandoffBusy("handoff already in progress")
         draining = self.drainingGenerations()
@@ -654,7 +660,12 @@ class GracefulServer(service.Service):
         if not self.machine.requestHandoff():
             self._successor = None
             raise HandoffBusy(f"handoff already in progress or server {self.machine.describe()}")
-        return {"version": PROTOCOL_VERSION, "pid": os.getpid(), "generation": self.generation}
+        return {
+            "version": PROTOCOL_VERSION,
+            "pid": os.getpid(),
+            "generation": self.generation,
+            "workers": max(self.settings.workers, 1),
+        }
 
     def _requireSuccessor(self, protocol: ControlProtocol) -> GenerationInputs:
         if protocol is not self._successor or self.machine is None:
@@ -680,7 +691,7 @@ class GracefulServer(service.Service):
             "next": nextStart if nextStart < len(ports) else -1,
         }
 
-    def commit(self, protocol: ControlProtocol, dropped: list[str] | None = None) -> dict[str, Any]:
+    def commit(self, protocol: ControlProtocol, dropped: list[str] | None = None) -> Any:
         machine = self._requireSuccessor(protocol)
         # Listeners the successor does not keep: closed for good once it accepts.
         self._dropped = set(dropped or [])
@@ -693,8 +704,25 @@ class GracefulServer(service.Service):
             ms=elapsed,
             generation=self.generation,
         )
-        self._tell("handoffPaused", self._successorPid)
-        return {"confirmWithin": self.settings.confirmTimeout}
+        answer = {"confirmWithin": self.settings.confirmTimeout}
+        workers = self.workers
+        if workers is None or not workers.active:
+            self._tell("handoffPaused", self._successorPid)
+            return answer
+
+        # At most one generation accepts: answer only once every worker has paused too.
+        def paused(_: object) -> dict[str, Any]:
+            self.log.info("every worker paused", generation=self.generation)
+            self._tell("handoffPaused", self._successorPid)
+            return answer
+
+        def notPaused(failure: Failure) -> dict[str, Any]:
+            reason = f"a worker did not pause: {failure.getErrorMessage()}"
+            if self.machine is not None:
+                self.machine.successorLost(reason)
+            raise NoHandoff(f"the handoff was rolled back: {reason}")
+
+        return workers.pause().addCallbacks(paused, notPaused)
 
     def accepting(self, protocol: ControlProtocol) -> dict[str, Any]:
         if protocol is not self._successor or self.machine is None:
@@ -748,7 +776,7 @@ class GracefulServer(service.Service):
         own = {
             "index": 0,
             "pid": os.getpid(),
-            "sessions": self.liveSessions(),
+            "sessions": sum(port.sessions.count for port in self.ports),
             "restarts": 0,
             "uptime": time.monotonic() - self.startedAt,
         }

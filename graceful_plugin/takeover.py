@@ -46,6 +46,7 @@ from graceful_plugin.listeners import (
     parseListener,
 )
 from graceful_plugin.server import TakeoverFailed, maybeReady
+from graceful_plugin.workers import WorkerFailed
 
 if TYPE_CHECKING:
     from graceful_plugin.server import GracefulServer, Port
@@ -166,6 +167,10 @@ async def takeOver(server: GracefulServer) -> None:
         raise TakeoverFailed(f"{path} closed the connection: {e.__class__.__name__}") from None
     predecessorPid = hello["pid"]
     server.generation = hello["generation"] + 1
+    workers = server.workers
+    if workers is not None and not settings.workers:
+        # No --workers of our own: as many processes as the predecessor has.
+        settings.workers = workers.count = hello.get("workers") or 1
     log.info(
         "taking over from pid {pid} (generation {generation})",
         pid=predecessorPid,
@@ -188,7 +193,16 @@ async def takeOver(server: GracefulServer) -> None:
         adopted.extend(opened)
         ports.extend(opened)
         adoptedAt = time.monotonic()
-        await _timed(maybeReady(server._ready), deadline, reactor)
+        # Our workers start (and load the application) while ours gets ready: the commit waits
+        # for every one of them, and none accepts before it.
+        # (The first failure of either ends the wait: a worker that dies fails the handoff now.)
+        waits = [maybeReady(server._ready)]
+        if workers is not None:
+            waits.append(workers.startWith(ports, server.generation))
+        try:
+            await _timed(defer.gatherResults(waits, consumeErrors=True), deadline, reactor)
+        except defer.FirstError as e:
+            raise e.subFailure.value from None
         readyAt = time.monotonic()
         answer = await _timed(link.callRemote(Commit, dropped=dropped), deadline, reactor)
         committedAt = time.monotonic()
@@ -198,6 +212,9 @@ async def takeOver(server: GracefulServer) -> None:
                 " may already have resumed"
             )
     except BaseException as e:
+        if workers is not None:
+            # Every worker of ours stops (none ever accepted); the predecessor's serve on.
+            workers.abandon()
         for port in adopted:
             port.release()
         _closeAll(received)
@@ -214,6 +231,8 @@ async def takeOver(server: GracefulServer) -> None:
                 link.transport.loseConnection()
         if isinstance(e, TakeoverFailed):
             raise
+        if isinstance(e, WorkerFailed):
+            raise TakeoverFailed(str(e)) from None
         if isinstance(e, ConnectionClosed):
             raise TakeoverFailed("the predecessor closed the control connection") from None
         if isinstance(e, NoHandoff):
@@ -222,10 +241,27 @@ async def takeOver(server: GracefulServer) -> None:
     server.ports = ports
     server.controlPort = controlPort
     server.beginServing()
+    if workers is not None and workers.active:
+        try:
+            await _timed(workers.resume(), answer["confirmWithin"] / 2, reactor)
+        except Exception as e:
+            # Not confirmed yet: all or nothing, the predecessor resumes all of its own.
+            _stepBack(server)
+            workers.abandon()
+            reason = f"a worker did not start accepting: {e}"
+            try:
+                await _timed(link.callRemote(Abort, reason=reason), 2.0, reactor)
+            except (ConnectionClosed, NoHandoff, amp.RemoteAmpError, defer.TimeoutError):
+                pass
+            if link.transport is not None:
+                link.transport.loseConnection()
+            raise TakeoverFailed(f"{reason}; the predecessor serves on") from None
     try:
         await _timed(link.callRemote(Accepting), deadline, reactor)
     except RolledBack as e:
         _stepBack(server)
+        if workers is not None:
+            workers.abandon()
         raise TakeoverFailed(f"the predecessor rolled back: {e}; it serves on") from None
     except ConnectionClosed:
         # The predecessor resumes on its own only after its confirm deadline: before half of it
@@ -233,6 +269,8 @@ async def takeOver(server: GracefulServer) -> None:
         late = time.monotonic() - committedAt > answer["confirmWithin"] / 2
         if late and pidfile.alive(predecessorPid):
             _stepBack(server)
+            if workers is not None:
+                workers.abandon()
             raise TakeoverFailed(
                 "the predecessor dropped the connection too late to confirm; it serves on"
             ) from None

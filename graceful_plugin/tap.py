@@ -115,13 +115,13 @@ class Options(usage.Options):
         self["takeover"] = None
         self["application"] = None
         self["app"] = None
-        self["workers"] = 1
+        self["workers"] = None
 
     def opt_workers(self, value: str) -> None:
         """
         How many processes serve, N or auto (one per CPU this process may run on): this one
         and N-1 worker processes accepting on the same sockets (default 1: this process
-        alone). A server with more than one cannot be restarted or taken over yet.
+        alone). A successor that names none keeps its predecessor's count.
         """
         try:
             self["workers"] = parseWorkers(value)
@@ -220,11 +220,6 @@ class Options(usage.Options):
         if parent is not None and parent.get("pidfile"):
             self["pidfile"] = os.path.abspath(parent["pidfile"])
             parent["pidfile"] = ""
-        if self["takeover"] and self["workers"] > 1:
-            raise usage.UsageError(
-                "--workers: a takeover of a group of worker processes is not supported yet;"
-                " take over with one process (no --workers), or stop the server and start anew"
-            )
         if self["takeover"]:
             _checkControlSocket(self["control"])
             lowerPriority()
@@ -329,7 +324,8 @@ def makeService(options: Options) -> service.IService:
         restartCommand=restartCommand(options.get("restart-command"), options["control"]),
         restartDirectory=os.getcwd(),
         activated=options.get("activated") or [],
-        workers=options["workers"],
+        # 0: as many as the predecessor has (a takeover that names none).
+        workers=options["workers"] or (0 if options["takeover"] else 1),
     )
     holder: dict[str, GracefulServer] = {}
     app = options["app"]
@@ -345,12 +341,16 @@ def makeService(options: Options) -> service.IService:
     server.observers.append(SystemdNotifications(Notifier.fromEnvironment(), server.reactor))
     top = service.MultiService()
     server.setServiceParent(top)
-    if settings.workers > 1:
+    if settings.workers != 1:
         from graceful_plugin.workerspawn import WorkerSupervisor
 
         application = list(options["application"]) if options["application"] else None
         supervisor = WorkerSupervisor(
-            settings.workers, application, settings.drainTimeout, server.reactor
+            settings.workers,
+            application,
+            settings.drainTimeout,
+            server.reactor,
+            sessionsChanged=server.workersChanged,
         )
         server.workers = supervisor
         server.observers.append(supervisor)

@@ -116,6 +116,7 @@ class Worker:
         self._exiting = False
         self._reportCall: Any = None
         self._drainCall: Any = None
+        self._stopCall: Any = None
         for port in ports:
             port.sessions.observe(self._sessionsChanged)
 
@@ -172,6 +173,11 @@ class Worker:
         The link to our leader closed: nobody will tell us anything any more.
         """
         self.link = None
+        if self._exiting:
+            if self._stopCall is not None and self._stopCall.active():
+                self._stopCall.cancel()
+                self.reactor.stop()
+            return
         if not self._exiting:
             self.log.info(
                 "worker {index} (pid {pid}): the leader has gone; stopping",
@@ -228,8 +234,14 @@ class Worker:
             if call is not None and call.active():
                 call.cancel()
         self.log.info("worker {index} (pid {pid}) exiting", index=self.index, pid=os.getpid())
-        # Not now: we may be inside a responder whose answer is still to be written.
-        self.reactor.callLater(0, self.reactor.stop)
+        link = self.link
+        if link is None or link.transport is None:
+            self.reactor.callLater(0, self.reactor.stop)
+            return
+        # Not now: we may be inside a responder whose answer is still to be written.  Closing
+        # the link flushes it; the reactor stops once it is closed, or after a short while.
+        self._stopCall = self.reactor.callLater(2.0, self.reactor.stop)
+        self.reactor.callLater(0, link.transport.loseConnection)
 
 
 class WorkerLink(amp.AMP):

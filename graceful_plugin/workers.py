@@ -328,12 +328,14 @@ class WorkerGroup:
                 if slot.replaceCall is not None:
                     slot.replaceCall.cancel()
                     slot.replaceCall = None
-        missing = [s for s in self._slots if s.worker is None or not s.ready]
-        if name in ("pause", "resume") and missing:
-            # A worker that is being replaced cannot acknowledge: the group is not whole.
-            names = ", ".join(str(s.index) for s in missing)
-            return fail(WorkerFailed(f"worker(s) {names} not running: cannot {name} the group"))
-        answers = [self._tell(slot, name) for slot in self._slots if slot.worker is not None]
+        if name not in ("pause", "resume"):
+            # A worker still starting never accepted: it has nothing to release or drain.
+            for slot in self._slots:
+                if slot.worker is not None and not slot.ready:
+                    slot.worker.kill()
+        # A worker still starting (or being replaced) accepts only once told to, and only if
+        # the group accepts then: the command is for the ready ones.
+        answers = [self._tell(slot, name) for slot in self._slots if slot.ready]
         result: Deferred[Any] = DeferredList(answers, fireOnOneErrback=True, consumeErrors=True)
 
         def firstError(failure: Failure) -> Failure:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
@@ -104,14 +104,17 @@ class WorkerProcess(ProcessProtocol):
         self.ready.callback(None)
 
     def linkLost(self, reason: Failure) -> None:
+        # A worker that closes its link before it is ready is about to exit: its readiness
+        # fails with its exit status (or at the group's ready deadline, if it does not exit).
         self.link = None
-        if not self.ready.called:
-            self.ready.errback(WorkerFailed("the worker closed its link"))
 
     def processEnded(self, reason: Failure) -> None:  # type: ignore[override]
         if self.link is not None and self.link.transport is not None:
             self.link.transport.loseConnection()
-        self.ended.callback(describeStatus(reason))
+        status = describeStatus(reason)
+        if not self.ready.called:
+            self.ready.errback(WorkerFailed(status))
+        self.ended.callback(status)
 
     def command(self, name: str) -> Deferred[None]:
         link = self.link
@@ -203,12 +206,17 @@ def listenerEntries(ports: list[Any]) -> list[dict[str, Any]]:
 
 class WorkerSupervisor(Observer, service.Service):
     """
-    The workers 1 .. N-1 of a first generation, wired to it: started once it serves, told to
-    accept once all are ready, stopped (and waited for) when the generation stops.
+    The workers 1 .. N-1 of a generation, wired to it.
 
-    A generation that cannot start its workers stops, with exit status 1: it was asked for N
-    processes.
+    A first generation starts them once it serves and tells them to accept once all are ready
+    (one that cannot start them stops, exit status 1: it was asked for N processes).  A
+    successor starts them with the listeners it received (L{startWith}), commits only once all
+    are ready, and tells them to accept after the commit (L{resume}).  As a predecessor, the
+    generation pauses them before it answers Commit (L{pause}), resumes them if the handoff is
+    rolled back, and releases and drains them once the successor confirmed.  A stop stops them
+    all, and the generation's process waits for them to exit.
 
+    @ivar count: how many processes serve in the generation, the leader included.
     @ivar group: the L{WorkerGroup}, once started.
     """
 
@@ -221,6 +229,7 @@ class WorkerSupervisor(Observer, service.Service):
         drainTimeout: float,
         reactor: Any = None,
         spawn: Callable[..., Any] = spawnWorker,
+        sessionsChanged: Callable[[], None] | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
@@ -231,15 +240,27 @@ class WorkerSupervisor(Observer, service.Service):
         self.drainTimeout = drainTimeout
         self.reactor = reactor
         self._spawn = spawn
+        self._onSessions = sessionsChanged
         self.group: WorkerGroup | None = None
         self._stopped: Deferred[None] | None = None
         self._stopping = False
 
-    def serving(self, server: Any) -> None:
-        if self.group is not None or self.count <= 1 or self._stopping:
-            return
-        listeners = listenerEntries(server.ports)
-        generation = server.generation
+    @property
+    def active(self) -> bool:
+        """
+        Whether this generation has worker processes besides its leader.
+        """
+        return self.group is not None and len(self.group) > 0
+
+    def startWith(self, ports: list[Any], generation: int) -> Deferred[None]:
+        """
+        Start the N-1 workers on C{ports} (our own listeners, not accepting).
+
+        @return: fires when every worker is ready (none accepts yet); fails with
+            L{WorkerFailed} when one cannot get ready, every worker stopped.
+        """
+        assert self.group is None, "a generation starts its workers once"
+        listeners = listenerEntries(ports)
 
         def spawn(index: int, report: Callable[[int], None]) -> Any:
             return self._spawn(
@@ -252,21 +273,48 @@ class WorkerSupervisor(Observer, service.Service):
                 self.drainTimeout,
             )
 
-        group = WorkerGroup(
-            self.count - 1, spawn, self.reactor, stopTimeout=self.drainTimeout + 10.0
+        def changed() -> None:
+            if self._onSessions is not None:
+                self._onSessions()
+
+        self.group = WorkerGroup(
+            max(self.count - 1, 0),
+            spawn,
+            self.reactor,
+            stopTimeout=self.drainTimeout + 10.0,
+            sessionsChanged=changed,
         )
-        self.group = group
-        self.log.info("starting {count} workers", count=self.count - 1)
-        d = group.start()
-        d.addCallback(lambda _: group.command("resume"))
-        d.addCallbacks(
-            lambda _: self.log.info(
-                "{count} workers accepting on {listeners} listeners",
-                count=self.count - 1,
-                listeners=len(listeners),
-            ),
-            lambda failure: self._cannotStart(server, failure),
-        )
+        if self.count > 1:
+            self.log.info("starting {count} workers", count=self.count - 1)
+        return self.group.start()
+
+    def resume(self) -> Deferred[None]:
+        """
+        Every worker accepts; fires once each acknowledged.
+        """
+        if self.group is None:
+            return succeed(None)
+        d = self.group.command("resume")
+        if self.active:
+            d.addCallback(
+                lambda _: self.log.info("{count} workers accepting", count=len(self.group or ()))
+            )
+        return d
+
+    def pause(self) -> Deferred[None]:
+        """
+        No worker accepts; fires once each acknowledged, fails if one died or did not answer.
+        """
+        if self.group is None:
+            return succeed(None)
+        return self.group.command("pause")
+
+    def serving(self, server: Any) -> None:
+        if self.group is not None or self.count <= 1 or self._stopping:
+            return
+        d = self.startWith(server.ports, server.generation)
+        d.addCallback(lambda _: self.resume())
+        d.addErrback(lambda failure: self._cannotStart(server, failure))
 
     def _cannotStart(self, server: Any, failure: Failure) -> None:
         if self._stopping:
@@ -277,6 +325,25 @@ class WorkerSupervisor(Observer, service.Service):
         server.exitCode = 1
         server.stopGracefully()
 
+    def handoffAborted(self, server: Any, pid: int, reason: str) -> None:
+        # Rolled back, maybe after our workers paused for the commit: they accept again.
+        if self.active and not self._stopping:
+            self.resume().addErrback(
+                lambda f: self.log.warn("after the rollback: {reason}", reason=f.getErrorMessage())
+            )
+
+    def handoffCommitted(self, server: Any, pid: int) -> None:
+        # The successor accepts: every worker lets go of the listeners and drains.
+        if not self.active:
+            return
+        group = self.group
+        assert group is not None
+        d = group.command("release")
+        d.addBoth(lambda _: group.command("drain"))
+        d.addErrback(
+            lambda f: self.log.warn("draining the workers: {reason}", reason=f.getErrorMessage())
+        )
+
     def describe(self) -> list[dict[str, Any]]:
         """
         One entry per worker besides the leader (see L{WorkerGroup.describe}).
@@ -285,13 +352,24 @@ class WorkerSupervisor(Observer, service.Service):
 
     @property
     def sessions(self) -> int:
+        """
+        The live sessions of every worker but the leader.
+        """
         return self.group.sessions if self.group is not None else 0
+
+    def abandon(self) -> Deferred[None]:
+        """
+        Stop every worker (a successor stepping back); fires when all have ended.
+        """
+        if self.group is None:
+            return succeed(None)
+        if self._stopped is None:
+            self._stopped = self.group.stop()
+        return self._stopped
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
         self._stopping = True
         if self.group is None:
             return None
-        if self._stopped is None:
-            self._stopped = self.group.stop()
-        return self._stopped
+        return self.abandon()

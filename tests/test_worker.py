@@ -235,7 +235,8 @@ def test_commandsOverTheLinkAreAcknowledged(name: str, accepting: bool, released
 
 def test_stopOverTheLinkIsAcknowledgedThenExits() -> None:
     """
-    Stop is acknowledged; the worker exits once drained.
+    Stop is acknowledged before the worker exits: it closes the link (flushing the answer) and
+    stops once the link is closed.
     """
     process, worker, ports, clock, pump, reports = linked()
     d = process.command("stop")
@@ -243,6 +244,21 @@ def test_stopOverTheLinkIsAcknowledgedThenExits() -> None:
     successResultOf(d)
     assert ports[0].released
     clock.advance(0)
+    assert not clock.stopped
+    pump.flush()
+    assert process.link is None
+    assert clock.stopped
+
+
+def test_exitStopsAfterAWhileWhenTheLinkDoesNotClose() -> None:
+    """
+    A worker whose link never finishes closing stops all the same, two seconds later.
+    """
+    process, worker, ports, clock, pump, reports = linked()
+    worker.stop()
+    clock.advance(1.9)
+    assert not clock.stopped
+    clock.advance(0.1)
     assert clock.stopped
 
 
@@ -278,16 +294,22 @@ def test_readyFromAnotherVersionFails() -> None:
     failureResultOf(process.ready, WorkerFailed)
 
 
-def test_linkLostBeforeReadyFailsReady() -> None:
+def test_linkLostBeforeReadyThenTheEndFailsReadyWithTheStatus() -> None:
     """
-    A link that closes before the worker said ready fails its readiness, and the worker side
-    stops.
+    A link that closes before the worker said ready fails its readiness once the process ends,
+    with its exit status; commands fail at once; the worker side stops.
     """
+    from twisted.internet.error import ProcessTerminated
+    from twisted.python.failure import Failure
+
     process, worker, ports, clock, pump, reports = linked()
     process.link.transport.loseConnection()
     pump.flush()
-    failureResultOf(process.ready, WorkerFailed)
+    assertNoResult(process.ready)
     failureResultOf(process.command("pause"), WorkerFailed)
+    process.processEnded(Failure(ProcessTerminated(signal=9)))
+    assert "killed by SIGKILL" in failureResultOf(process.ready, WorkerFailed).getErrorMessage()
+    assert successResultOf(process.ended) == "killed by SIGKILL"
     clock.advance(0)
     assert clock.stopped
 

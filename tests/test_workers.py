@@ -245,15 +245,39 @@ def test_commandFailsWhenAWorkerRefuses() -> None:
     assert "confused" in failure.getErrorMessage()
 
 
-def test_pauseRefusedWhileAWorkerIsBeingReplaced() -> None:
+def test_pauseWhileAWorkerIsBeingReplacedKeepsTheReplacementPaused() -> None:
     """
-    A pause while a worker is missing fails at once: the group cannot promise every worker
-    paused.
+    A pause while a worker is being replaced completes with the others' acknowledgements, and
+    the replacement, once ready, is not told to accept.
     """
-    group, spawner, clock = startedGroup(2)
+    group, spawner, clock = startedGroup(2, backoff=1.0)
     spawner.started[0].die()
-    failure = failureResultOf(group.command("pause"), WorkerFailed)
-    assert "not running" in failure.getErrorMessage()
+    d = group.command("pause")
+    spawner.started[1].ack("pause")
+    successResultOf(d)
+    clock.advance(1.0)
+    spawner.started[2].ready.callback(None)
+    assert spawner.started[2].commands == []
+    resumed = group.command("resume")
+    assert spawner.started[2].pending() == ["resume"]
+    spawner.started[1].ack("resume")
+    spawner.started[2].ack("resume")
+    successResultOf(resumed)
+
+
+def test_retiringKillsAWorkerStillStarting() -> None:
+    """
+    A release while a replacement is still starting kills it (it never accepted) and waits for
+    no acknowledgement from it.
+    """
+    group, spawner, clock = startedGroup(2, backoff=1.0)
+    spawner.started[0].die()
+    clock.advance(1.0)
+    starting = spawner.started[2]
+    d = group.command("release")
+    assert starting.killed
+    spawner.started[1].ack("release")
+    successResultOf(d)
 
 
 def test_unknownCommandFails() -> None:

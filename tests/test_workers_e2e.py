@@ -7,14 +7,25 @@ SIGKILL) ends every worker.
 from __future__ import annotations
 
 import os
+import re
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from graceful_plugin.tap import Options
-from tests.operate import becomeSubreaper, status, track, waitForExit
-from tests.procs import Load, Processes, childProcesses, ctl, freePort, httpGet, waitForStatus
+from tests.operate import becomeSubreaper, status, track, waitForExit, waitForPid
+from tests.procs import (
+    Load,
+    Processes,
+    Server,
+    childProcesses,
+    ctl,
+    freePort,
+    httpGet,
+    waitForStatus,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -40,15 +51,15 @@ def _workerPids(procs: Processes, leader: int) -> list[int]:
     return pids
 
 
-def _servedBy(port: int, wanted: int, attempts: int = 400) -> set[int]:
+def _servedBy(port: int, wanted: int, attempts: int = 400, path: str = "/") -> set[int]:
     """
     The pids that answered, asking until C{wanted} distinct ones did (bounded).
     """
     seen: set[int] = set()
     for _ in range(attempts):
-        code, body = httpGet("127.0.0.1", port, "/")
+        code, body = httpGet("127.0.0.1", port, path)
         assert code == 200
-        seen.add(int(body.split(b"pid ")[1].split(b",")[0]))
+        seen.add(int(body.split(b"pid ")[1].split(b",")[0].split(b"\n")[0]))
         if len(seen) >= wanted:
             break
     return seen
@@ -81,20 +92,6 @@ def test_badWorkersRefusedWithASentence(args: list[str], words: str) -> None:
         Options().parseOptions(["--port", "1", *args])
 
 
-def test_takeoverWithWorkersRefused(procs: Processes, workdir: Path) -> None:
-    """
-    A takeover that asks for several workers is refused with a sentence: a group takeover is
-    not supported yet.
-    """
-    port = freePort()
-    first = procs.server(_args(port, "1"), "gen1").start()
-    first.waitServing()
-    second = procs.server(["--takeover", "c.sock", "--workers", "2"], "gen2").start()
-    assert second.wait(30) != 0
-    assert "a takeover of a group of worker processes is not supported yet" in second.text()
-    assert status(workdir)["pid"] == first.pid
-
-
 @pytest.mark.slow
 def test_workersShareTheSocketsAndStopTogether(procs: Processes, workdir: Path) -> None:
     """
@@ -103,7 +100,7 @@ def test_workersShareTheSocketsAndStopTogether(procs: Processes, workdir: Path) 
     """
     port = freePort()
     leader = procs.server(_args(port, "3"), "gen1").start()
-    leader.waitFor(r"2 workers accepting on 1 listeners")
+    leader.waitFor(r"2 workers accepting")
     workers = _workerPids(procs, leader.pid)
     assert len(workers) == 2
     assert _servedBy(port, 3) == {leader.pid, *workers}
@@ -179,16 +176,138 @@ def test_killedLeaderLeavesNoWorkerServing(procs: Processes, workdir: Path) -> N
         waitForExit(pid, 10)
 
 
-def test_restartOfAGroupRefusedWithASentence(procs: Processes, workdir: Path) -> None:
+def _groupSessions(status: dict[str, Any]) -> int:
+    return sum(int(w["sessions"]) for w in status["workers"])
+
+
+def _waitTookOver(successor: Server, n: int) -> None:
+    successor.waitFor(r"took over from pid \d+ as generation %d" % n, 60)
+
+
+@pytest.mark.slow
+def test_chainedGroupTakeoversUnderLoadLoseNothing(procs: Processes, workdir: Path) -> None:
     """
-    graceful-ctl restart of a server with workers fails with a sentence and the server serves
-    on, every worker included.
+    Five chained takeovers of a group of two processes under load (fresh connections and slow
+    downloads in flight) refuse, reset or cut short no request; every old leader exits 0 and
+    every old worker is gone; each successor keeps the count (one worker besides its leader);
+    the serving leader's descriptor count after the last handoff equals the one after the first.
     """
     port = freePort()
-    leader = procs.server(_args(port, "2"), "gen1").start()
-    leader.waitFor(r"1 workers accepting")
-    workers = _workerPids(procs, leader.pid)
-    result = ctl(workdir, "--control", "c.sock", "restart")
-    assert result.returncode != 0
-    assert "a takeover of a group of workers is not supported yet" in result.stdout + result.stderr
-    assert _servedBy(port, 2) == {leader.pid, *workers}
+    first = procs.server(_args(port, "2"), "gen1").start()
+    first.waitFor(r"1 workers accepting")
+    old = _workerPids(procs, first.pid)
+    load = Load(port, clients=8, size=2048, downloaders=2, downloadSize=4 * 1024 * 1024).start()
+    current = first
+    fdCounts: list[int] = []
+    try:
+        for n in range(2, 7):
+            successor = procs.server(["--takeover", "c.sock"], f"gen{n}").start()
+            _waitTookOver(successor, n)
+            assert current.wait(90) == 0, current.text()[-3000:]
+            for worker in old:
+                waitForExit(worker, 30)
+            old = _workerPids(procs, successor.pid)
+            assert len(old) == 1
+            if n in (2, 6):
+                load.pause()
+                waitForStatus(
+                    workdir,
+                    lambda s: _groupSessions(s) == 0 and not s["draining"],
+                    "no session left",
+                )
+                fdCounts.append(successor.fdCount())
+                load.resume()
+            current = successor
+    finally:
+        result = load.stop()
+    assert result.errors == {}, result.examples
+    assert result.downloads >= 2
+    assert result.ok > 100
+    assert fdCounts[1] == fdCounts[0], fdCounts
+    assert _servedBy(port, 2) == {current.pid, *old}
+
+
+@pytest.mark.slow
+def test_restartOfAGroupKeepsItsCount(procs: Processes, workdir: Path) -> None:
+    """
+    graceful-ctl restart of a group of three starts a successor group of three; the old leader
+    and both its workers exit.
+    """
+    port = freePort()
+    first = procs.server(_args(port, "3"), "gen1").start()
+    first.waitFor(r"2 workers accepting")
+    old = _workerPids(procs, first.pid)
+    result = ctl(workdir, "--control", "c.sock", "restart", timeout=90)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert first.wait(60) == 0
+    for worker in old:
+        waitForExit(worker, 30)
+    leader = waitForPid(workdir / "app.pid", first.pid)
+    track(procs, leader)
+    now = waitForStatus(workdir, lambda s: len(s["workers"]) == 3, "three processes")
+    assert now["generation"] == 2 and now["pid"] == leader
+    workers = _workerPids(procs, leader)
+    assert _servedBy(port, 3) == {leader, *workers}
+
+
+@pytest.mark.slow
+def test_twoToThreeAcrossATakeover(procs: Processes, workdir: Path) -> None:
+    """
+    A successor naming --workers 3 takes over from a group of two with three processes.
+    """
+    port = freePort()
+    first = procs.server(_args(port, "2"), "gen1").start()
+    first.waitFor(r"1 workers accepting")
+    old = _workerPids(procs, first.pid)
+    second = procs.server(["--takeover", "c.sock", "--workers", "3"], "gen2").start()
+    _waitTookOver(second, 2)
+    assert first.wait(60) == 0
+    for worker in old:
+        waitForExit(worker, 30)
+    workers = _workerPids(procs, second.pid)
+    assert len(workers) == 2
+    assert _servedBy(port, 3) == {second.pid, *workers}
+
+
+@pytest.mark.slow
+def test_newWorkerKilledDuringTheHandoffRollsBackEverything(
+    procs: Processes, workdir: Path
+) -> None:
+    """
+    A new worker killed while the successor's group gets ready rolls the whole handoff back
+    under load with zero client failures: the successor stops all its workers and exits
+    non-zero, and the predecessor's leader and worker serve on.
+    """
+    port = freePort()
+    (workdir / "ready1").write_text("")
+    app = ["--resource", "tests.apps.slow_ready.slowDemo"]
+    first = procs.server([*_args(port, "2"), *app], "gen1").start(
+        {"GRACEFUL_TEST_READY_FILE": str(workdir / "ready1")}
+    )
+    first.waitFor(r"1 workers accepting")
+    old = _workerPids(procs, first.pid)
+    load = Load(port, clients=8, size=1024, downloaders=2, downloadSize=2 * 1024 * 1024).start()
+    try:
+        second = procs.server(["--takeover", "c.sock", "--workers", "3", *app], "gen2").start(
+            {"GRACEFUL_TEST_READY_FILE": str(workdir / "ready2")}
+        )
+        # The leader and both its workers warm up, waiting for ready2.
+        second.waitFor(r"(?s)(warming up until .*){3}", 60)
+        newWorkers = _workerPids(procs, second.pid)
+        assert len(newWorkers) == 2
+        os.kill(newWorkers[0], signal.SIGKILL)
+        assert second.wait(60) != 0
+        for worker in newWorkers:
+            waitForExit(worker, 30)
+        first.waitFor(r"handoff to pid %d rolled back" % second.pid, 30)
+    finally:
+        result = load.stop()
+    assert result.errors == {}, result.examples
+    assert result.ok > 0
+    assert re.search(
+        r"takeover from .* failed: worker \d \(pid %d\) could not get ready: killed by SIGKILL"
+        % newWorkers[0],
+        second.text(),
+    ), second.text()[-3000:]
+    assert status(workdir)["pid"] == first.pid
+    assert _servedBy(port, 2) == {first.pid, *old}
