@@ -135,3 +135,26 @@ def test_handoff_measures_phases_scale_and_drain(tmp_path):
         assert row["sessions_at_drain"] == row["connections"]
         assert row["commit_to_exit_ms"] > 900  # idle connections wait out their 1 s grace
         assert row["rss_after_kib"] >= row["rss_before_kib"] > 0
+
+
+@pytest.mark.slow
+def test_workersBenchmarkPrintsEveryCount(tmp_path: Path) -> None:
+    """workers.py measures 1 and 2 workers (fresh and keep-alive) and prints each run, with the
+    spread of connections over the processes and no error."""
+    import shutil
+
+    _require_graceful()
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk is not installed (apt-get install wrk)")
+    out = tmp_path / "workers.json"
+    argv = [sys.executable, str(BENCHMARKS / "workers.py"), "--workers", "1", "--workers", "2"]
+    argv += ["--duration", "1", "--warmup", "0", "--connections", "4", "--json", str(out)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 workers / 1 worker, fresh connections" in done.stdout
+    runs = json.loads(out.read_text())["runs"]
+    assert [run["workers"] for run in runs] == [1, 2]
+    for run in runs:
+        for mode in ("fresh", "keepalive"):
+            assert run[mode]["rps"] > 0 and run[mode]["errors"] == 0
+            assert len(run[mode]["spread"]) == run["workers"]
