@@ -7,8 +7,11 @@ For each count (``--workers``, repeatable; default 1, 2 and auto) one ``twistd -
 request (``Connection: close``) and then with keep-alive.  Printed for each run: requests per
 second, the client's own CPU share (wrk's user+system time over the run's wall time times the
 CPUs we may use: what the load generator took from the server on a small machine), and the
-spread of connections over the processes (a probe makes fresh-connection ``GET /`` requests
-during the run, each answered by the process that accepted it, and counts the answers per pid).
+spread of connections over the processes: with fresh connections, a probe makes
+fresh-connection ``GET /`` requests during the run, each answered by the process that accepted
+it, counted per pid; with keep-alive, the connections each process holds halfway through the
+run (wrk opens its connections once and keeps them), counted in /proc; and for bursts of
+connections opened at once, the largest share one process took.
 Target: with a fresh connection per request, 2 workers reach at least 1.4 times one worker's
 requests per second (on 2 cores).
 """
@@ -21,6 +24,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -72,6 +76,62 @@ def start(children: Children, args: argparse.Namespace, count: int) -> tuple[Any
     return proc, port, control
 
 
+def connections_by_pid(pids: list[int], port: int) -> Counter[int]:
+    """How many established TCP connections to ``port`` each of ``pids`` holds (from /proc:
+    no request, no extra process)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                        inodes.add(fields[9])
+        except OSError:
+            continue
+    counts: Counter[int] = Counter()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                counts[pid] += 1
+    return counts
+
+
+class Sampler(threading.Thread):
+    """Halfway through the run, counts the connections each process holds (for keep-alive,
+    where wrk opens its connections once and keeps them)."""
+
+    def __init__(self, pids: list[int], port: int, after: float) -> None:
+        super().__init__(daemon=True)
+        self.pids = pids
+        self.port = port
+        self.after = after
+        self.sessions: Counter[int] = Counter()
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        if not self._done.wait(self.after):
+            self.sessions = connections_by_pid(self.pids, self.port)
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join(30)
+
+
+def shares(counts: Counter[int]) -> list[float]:
+    total = sum(counts.values())
+    return sorted((round(n / total, 3) for n in counts.values()), reverse=True) if total else []
+
+
 class Probe(threading.Thread):
     """Fresh-connection ``GET /`` requests until stopped; counts which pid answered each."""
 
@@ -100,6 +160,32 @@ class Probe(threading.Thread):
     def stop(self) -> None:
         self._done.set()
         self.join(15)
+
+
+def bursts(port: int, size: int, count: int) -> list[float]:
+    """Open ``size`` connections at once, ``count`` times; for each burst, the largest share
+    of its connections that one process accepted."""
+    largest = []
+    for _ in range(count):
+        socks = [socket.create_connection((HOST, port), timeout=10) for _ in range(size)]
+        pids: Counter[int] = Counter()
+        try:
+            for sock in socks:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+            for sock in socks:
+                data = b""
+                while not data.endswith(b"\n") or b"generation" not in data:
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                pids[int(data.split(b"pid ")[1].split(b",")[0])] += 1
+        finally:
+            for sock in socks:
+                sock.close()
+        largest.append(max(pids.values()) / size)
+        time.sleep(0.2)
+    return largest
 
 
 def wrk(port: int, seconds: float, args: argparse.Namespace, keepalive: bool) -> dict[str, Any]:
@@ -138,24 +224,30 @@ def measure(args: argparse.Namespace, children: Children, count: int) -> dict[st
     proc, port, control = start(children, args, count)
     try:
         results: dict[str, Any] = {"workers": count}
+        pids = [w["pid"] for w in (status(args.ctl, control) or {}).get("workers", [])]
         if args.warmup:
             wrk(port, args.warmup, args, keepalive=False)
         for mode, keepalive in (("fresh", False), ("keepalive", True)):
             probe = Probe(port, args.probe_interval)
+            sampler = Sampler(pids, port, args.duration / 2)
             probe.start()
+            sampler.start()
             try:
                 run = wrk(port, args.duration, args, keepalive)
             finally:
                 probe.stop()
-            total = sum(probe.pids.values())
-            run["spread"] = (
-                sorted((round(n / total, 3) for n in probe.pids.values()), reverse=True)
-                if total
-                else []
-            )
-            run["probes"] = total
+                sampler.stop()
+            # Fresh connections: who accepted the probes; keep-alive: who holds wrk's
+            # connections (the probes then show only which process is least busy).
+            run["accepts"] = shares(probe.pids)
+            run["sessions"] = shares(sampler.sessions)
+            run["spread"] = run["sessions"] if keepalive else run["accepts"]
+            run["probes"] = sum(probe.pids.values())
             run["probe_failures"] = probe.failed
             results[mode] = run
+        if args.bursts:
+            largest = bursts(port, args.burst_size, args.bursts)
+            results["burst_largest_share"] = round(sum(largest) / len(largest), 3)
         now = status(args.ctl, control)
         results["restarts"] = sum(w["restarts"] for w in (now or {}).get("workers", []))
         return results
@@ -175,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=32, help="wrk's connections")
     p.add_argument("--body", type=int, default=1024, help="bytes per response")
     p.add_argument("--probe-interval", type=float, default=0.005, help="seconds between probes")
+    p.add_argument("--bursts", type=int, default=10, help="bursts of connections opened at once")
+    p.add_argument("--burst-size", type=int, default=32, help="connections per burst")
     p.add_argument("--json", help="also write the numbers to this file")
     here = Path(sys.executable).parent
     p.add_argument("--twistd", default=str(here / "twistd"))
@@ -202,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     print(
         f"{'workers':>7}  {'mode':<9} {'requests/s':>10}  {'errors':>6}  {'client CPU':>10}"
-        "  spread of connections over the processes"
+        "  spread over the processes (fresh: accepts; keep-alive: sessions held)"
     )
     for run in runs:
         for mode in ("fresh", "keepalive"):
@@ -210,7 +304,14 @@ def main(argv: list[str] | None = None) -> int:
             spread = " / ".join(f"{share:.0%}" for share in r["spread"])
             print(
                 f"{run['workers']:>7}  {mode:<9} {r['rps']:>10.0f}  {r['errors']:>6}"
-                f"  {r['client_cpu_share']:>10.0%}  {spread} ({r['probes']} probes)"
+                f"  {r['client_cpu_share']:>10.0%}  {spread}"
+            )
+    for run in runs:
+        if run["workers"] > 1 and "burst_largest_share" in run:
+            print(
+                f"{run['workers']} workers: bursts of {args.burst_size} connections opened at"
+                f" once, the largest share one process took: {run['burst_largest_share']:.0%}"
+                f" on average (even: {1 / run['workers']:.0%})"
             )
     one = next((r for r in runs if r["workers"] == 1), None)
     two = next((r for r in runs if r["workers"] == 2), None)

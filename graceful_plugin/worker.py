@@ -344,6 +344,9 @@ def run(config: WorkerConfig, reactor: Any = None) -> int:
     except ValueError as e:
         log.critical("worker {index} cannot start: {reason}", index=config.index, reason=str(e))
         return 1
+    from graceful_plugin.workerspawn import shareAccepts
+
+    shareAccepts(ports)
     worker = Worker(reactor, ports, config.index, config.drainTimeout)
     worker.link = WorkerLink(worker)
     reactor.adoptStreamConnection(config.link, socket.AF_UNIX, OneProtocol(worker.link))

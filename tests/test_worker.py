@@ -324,3 +324,42 @@ def test_describeStatus() -> None:
     assert describeStatus(Failure(ProcessDone(0))) == "exit status 0"
     assert describeStatus(Failure(ProcessTerminated(exitCode=3))) == "exit status 3"
     assert describeStatus(Failure(ProcessTerminated(signal=9))) == "killed by SIGKILL"
+
+
+def test_sharedPortsAcceptOneConnectionPerWakeUp() -> None:
+    """
+    A port of a group (L{shareAccepts}) accepts one waiting connection per wake-up, leaving the
+    rest of a burst to the other processes; a port of a single process takes them all.
+    """
+    import socket
+
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.internet.testing import MemoryReactorClock
+
+    from graceful_plugin.listeners import adoptListener
+    from graceful_plugin.workerspawn import shareAccepts
+
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(50)
+    listening.setblocking(False)
+    reactor = MemoryReactorClock()
+    shared = adoptListener(reactor, listening.fileno(), "tcp", Factory.forProtocol(Protocol))
+    alone = adoptListener(reactor, listening.fileno(), "tcp", Factory.forProtocol(Protocol))
+    listening.close()
+    clients = [socket.create_connection(("127.0.0.1", shared.getHost().port)) for _ in range(4)]
+    try:
+        shareAccepts([shared])
+        shared.doRead()
+        shared.doRead()
+        assert shared.sessions.count == 2
+        alone.doRead()
+        assert alone.sessions.count == 2
+    finally:
+        for client in clients:
+            client.close()
+        for port in (shared, alone):
+            for transport in list(port.sessions._live):
+                transport.abortConnection()
+            port.release()
+        reactor.advance(0)
