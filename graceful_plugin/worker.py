@@ -34,6 +34,7 @@ from graceful_plugin.workercontrol import (
     StopWorker,
     WorkerReady,
     WorkerSessions,
+    shareAccepts,
 )
 
 #: How often a worker reports its session count to its leader, at most.
@@ -344,8 +345,6 @@ def run(config: WorkerConfig, reactor: Any = None) -> int:
     except ValueError as e:
         log.critical("worker {index} cannot start: {reason}", index=config.index, reason=str(e))
         return 1
-    from graceful_plugin.workerspawn import shareAccepts
-
     shareAccepts(ports)
     worker = Worker(reactor, ports, config.index, config.drainTimeout)
     worker.link = WorkerLink(worker)

@@ -14,6 +14,9 @@ from typing import Any
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
 
+#: Connections a process of a group accepts per wake-up (see L{shareAccepts}).
+ACCEPT_BATCH = 1
+
 #: Bumped whenever a command changes incompatibly; a worker is always started by a leader of the
 #: same installation, so this only guards against a mix-up.
 WORKER_PROTOCOL_VERSION = 1
@@ -108,3 +111,13 @@ class OneProtocol(Factory):
 
     def buildProtocol(self, addr: Any) -> Any:
         return self._protocol
+
+
+def shareAccepts(ports: list[Any]) -> None:
+    """
+    Accept at most L{ACCEPT_BATCH} connections per wake-up on C{ports}: every process of a
+    group wakes for a new connection, and the first one would otherwise take a whole burst.
+    """
+    for port in ports:
+        if hasattr(port, "acceptBatch"):
+            port.acceptBatch = ACCEPT_BATCH

@@ -34,11 +34,9 @@ from graceful_plugin.workercontrol import (
     OneProtocol,
     WorkerReady,
     WorkerSessions,
+    shareAccepts,
 )
 from graceful_plugin.workers import IWorker, WorkerFailed, WorkerGroup
-
-#: Connections a process of a group accepts per wake-up (see L{shareAccepts}).
-ACCEPT_BATCH = 1
 
 #: The first descriptor number a worker's listeners get (0-2 are stdio, 3 is the link).
 FIRST_LISTENER_FD = 4
@@ -186,16 +184,6 @@ def spawnWorker(
         ours.close()
         theirs.close()
     return worker
-
-
-def shareAccepts(ports: list[Any]) -> None:
-    """
-    Accept at most L{ACCEPT_BATCH} connections per wake-up on C{ports}: every process of a
-    group wakes for a new connection, and the first one would otherwise take a whole burst.
-    """
-    for port in ports:
-        if hasattr(port, "acceptBatch"):
-            port.acceptBatch = ACCEPT_BATCH
 
 
 def listenerEntries(ports: list[Any]) -> list[dict[str, Any]]:

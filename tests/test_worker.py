@@ -337,7 +337,7 @@ def test_sharedPortsAcceptOneConnectionPerWakeUp() -> None:
     from twisted.internet.testing import MemoryReactorClock
 
     from graceful_plugin.listeners import adoptListener
-    from graceful_plugin.workerspawn import shareAccepts
+    from graceful_plugin.workercontrol import shareAccepts
 
     listening = socket.socket()
     listening.bind(("127.0.0.1", 0))

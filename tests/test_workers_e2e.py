@@ -187,20 +187,21 @@ def _waitTookOver(successor: Server, n: int) -> None:
 @pytest.mark.slow
 def test_chainedGroupTakeoversUnderLoadLoseNothing(procs: Processes, workdir: Path) -> None:
     """
-    Five chained takeovers of a group of two processes under load (fresh connections and slow
-    downloads in flight) refuse, reset or cut short no request; every old leader exits 0 and
-    every old worker is gone; each successor keeps the count (one worker besides its leader);
+    Ten chained takeovers of a group of two processes under load (16 clients on fresh
+    connections, 4 slow 8 MB downloads in flight) refuse, reset or cut short no request; every
+    old leader exits 0 and every old worker is gone; each successor keeps the count (one worker
+    besides its leader);
     the serving leader's descriptor count after the last handoff equals the one after the first.
     """
     port = freePort()
     first = procs.server(_args(port, "2"), "gen1").start()
     first.waitFor(r"1 workers accepting")
     old = _workerPids(procs, first.pid)
-    load = Load(port, clients=8, size=2048, downloaders=2, downloadSize=4 * 1024 * 1024).start()
+    load = Load(port, clients=16, size=2048, downloaders=4, downloadSize=8 * 1024 * 1024).start()
     current = first
     fdCounts: list[int] = []
     try:
-        for n in range(2, 7):
+        for n in range(2, 12):
             successor = procs.server(["--takeover", "c.sock"], f"gen{n}").start()
             _waitTookOver(successor, n)
             assert current.wait(90) == 0, current.text()[-3000:]
@@ -208,7 +209,7 @@ def test_chainedGroupTakeoversUnderLoadLoseNothing(procs: Processes, workdir: Pa
                 waitForExit(worker, 30)
             old = _workerPids(procs, successor.pid)
             assert len(old) == 1
-            if n in (2, 6):
+            if n in (2, 11):
                 load.pause()
                 waitForStatus(
                     workdir,
@@ -221,7 +222,7 @@ def test_chainedGroupTakeoversUnderLoadLoseNothing(procs: Processes, workdir: Pa
     finally:
         result = load.stop()
     assert result.errors == {}, result.examples
-    assert result.downloads >= 2
+    assert result.downloads >= 4
     assert result.ok > 100
     assert fdCounts[1] == fdCounts[0], fdCounts
     assert _servedBy(port, 2) == {current.pid, *old}
