@@ -9,8 +9,8 @@ second, the client's own CPU share (wrk's user+system time over the run's wall t
 CPUs we may use: what the load generator took from the server on a small machine), and the
 spread of connections over the processes: with fresh connections, a probe makes
 fresh-connection ``GET /`` requests during the run, each answered by the process that accepted
-it, counted per pid; with keep-alive, the connections each process holds halfway through the
-run (wrk opens its connections once and keeps them), counted in /proc; and for bursts of
+it, counted per pid; with keep-alive, the sessions each process holds halfway through the run
+(wrk opens its connections once and keeps them), read once from ``status``; and for bursts of
 connections opened at once, the largest share one process took.
 Target: with a fresh connection per request, 2 workers reach at least 1.4 times one worker's
 requests per second (on 2 cores).
@@ -76,51 +76,24 @@ def start(children: Children, args: argparse.Namespace, count: int) -> tuple[Any
     return proc, port, control
 
 
-def connections_by_pid(pids: list[int], port: int) -> Counter[int]:
-    """How many established TCP connections to ``port`` each of ``pids`` holds (from /proc:
-    no request, no extra process)."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f)
-                for line in f:
-                    fields = line.split()
-                    if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
-                        inodes.add(fields[9])
-        except OSError:
-            continue
-    counts: Counter[int] = Counter()
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if target.startswith("socket:[") and target[8:-1] in inodes:
-                counts[pid] += 1
-    return counts
-
-
 class Sampler(threading.Thread):
-    """Halfway through the run, counts the connections each process holds (for keep-alive,
-    where wrk opens its connections once and keeps them)."""
+    """Halfway through the run, reads once how many sessions each process holds (for
+    keep-alive, where wrk opens its connections once and keeps them)."""
 
-    def __init__(self, pids: list[int], port: int, after: float) -> None:
+    def __init__(self, ctl: str, control: Path, after: float) -> None:
         super().__init__(daemon=True)
-        self.pids = pids
-        self.port = port
+        self.ctl = ctl
+        self.control = control
         self.after = after
         self.sessions: Counter[int] = Counter()
         self._done = threading.Event()
 
     def run(self) -> None:
-        if not self._done.wait(self.after):
-            self.sessions = connections_by_pid(self.pids, self.port)
+        if self._done.wait(self.after):
+            return
+        now = status(self.ctl, self.control)
+        for worker in (now or {}).get("workers", []):
+            self.sessions[worker["index"]] += worker["sessions"]
 
     def stop(self) -> None:
         self._done.set()
@@ -224,12 +197,11 @@ def measure(args: argparse.Namespace, children: Children, count: int) -> dict[st
     proc, port, control = start(children, args, count)
     try:
         results: dict[str, Any] = {"workers": count}
-        pids = [w["pid"] for w in (status(args.ctl, control) or {}).get("workers", [])]
         if args.warmup:
             wrk(port, args.warmup, args, keepalive=False)
         for mode, keepalive in (("fresh", False), ("keepalive", True)):
             probe = Probe(port, args.probe_interval)
-            sampler = Sampler(pids, port, args.duration / 2)
+            sampler = Sampler(args.ctl, control, args.duration / 2)
             probe.start()
             sampler.start()
             try:
