@@ -9,7 +9,7 @@ second, the client's own CPU share (wrk's user+system time over the run's wall t
 CPUs we may use: what the load generator took from the server on a small machine), and the
 spread of connections over the processes: with fresh connections, a probe makes
 fresh-connection ``GET /`` requests during the run, each answered by the process that accepted
-it, counted per pid; with keep-alive, the sessions each process holds halfway through the run
+it, counted per pid; with keep-alive, the sessions each process holds a third into the run
 (wrk opens its connections once and keeps them), read once from ``status``; and for bursts of
 connections opened at once, the largest share one process took.
 Target: with a fresh connection per request, 2 workers reach at least 1.4 times one worker's
@@ -77,7 +77,7 @@ def start(children: Children, args: argparse.Namespace, count: int) -> tuple[Any
 
 
 class Sampler(threading.Thread):
-    """Halfway through the run, reads once how many sessions each process holds (for
+    """A while into the run, reads once how many sessions each process holds (for
     keep-alive, where wrk opens its connections once and keeps them)."""
 
     def __init__(self, ctl: str, control: Path, after: float) -> None:
@@ -201,7 +201,8 @@ def measure(args: argparse.Namespace, children: Children, count: int) -> dict[st
             wrk(port, args.warmup, args, keepalive=False)
         for mode, keepalive in (("fresh", False), ("keepalive", True)):
             probe = Probe(port, args.probe_interval)
-            sampler = Sampler(args.ctl, control, args.duration / 2)
+            # (graceful-ctl takes a while to start: read early enough to be answered mid-run.)
+            sampler = Sampler(args.ctl, control, args.duration / 3)
             probe.start()
             sampler.start()
             try:
