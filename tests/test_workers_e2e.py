@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -312,3 +313,114 @@ def test_newWorkerKilledDuringTheHandoffRollsBackEverything(
     ), second.text()[-3000:]
     assert status(workdir)["pid"] == first.pid
     assert _servedBy(port, 2) == {first.pid, *old}
+
+
+def _unixPid(path: Path) -> int:
+    """
+    The pid that answers C{GET /} on the Unix listener at C{path}.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(20)
+        s.connect(str(path))
+        s.sendall(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return int(data.split(b"pid ")[1].split(b",")[0])
+
+
+@pytest.mark.slow
+def test_unixListenerSharedAndHandedOverByAGroup(procs: Processes, workdir: Path) -> None:
+    """
+    A Unix listener is served by every process of a group, survives a group takeover (no old
+    worker unlinks the path when it releases), and is unlinked when the last generation stops.
+    """
+    path = workdir / "web.sock"
+    first = procs.server(
+        ["--port", f"unix:{path}", "--control", "c.sock", "--workers", "2"], "gen1"
+    ).start()
+    first.waitFor(r"1 workers accepting")
+    old = _workerPids(procs, first.pid)
+    seen: set[int] = set()
+    for _ in range(400):
+        seen.add(_unixPid(path))
+        if seen == {first.pid, *old}:
+            break
+    assert seen == {first.pid, *old}
+    second = procs.server(["--takeover", "c.sock"], "gen2").start()
+    _waitTookOver(second, 2)
+    assert first.wait(60) == 0
+    for worker in old:
+        waitForExit(worker, 30)
+    assert path.exists()
+    new = _workerPids(procs, second.pid)
+    seen.clear()
+    for _ in range(400):
+        seen.add(_unixPid(path))
+        if seen == {second.pid, *new}:
+            break
+    assert seen == {second.pid, *new}
+    second.signal(signal.SIGTERM)
+    assert second.wait(30) == 0
+    for worker in new:
+        waitForExit(worker, 30)
+    assert not path.exists()
+
+
+@pytest.mark.slow
+def test_tlsListenerServedByEveryProcess(procs: Processes, workdir: Path) -> None:
+    """
+    A TLS listener is served by every process of a group, each with the key and certificate it
+    read itself.
+    """
+    from tests.test_listener_kinds import get, makeCertificate, tlsConnect
+
+    port = freePort()
+    key, cert = makeCertificate(workdir, "one")
+    spec = f"secure=ssl:{port}:privateKey={key}:certKey={cert}:interface=127.0.0.1"
+    leader = procs.server(["--port", spec, "--control", "c.sock", "--workers", "2"], "gen1")
+    leader.start().waitFor(r"1 workers accepting")
+    workers = _workerPids(procs, leader.pid)
+    connect = tlsConnect(port)
+    seen: set[int] = set()
+    for _ in range(400):
+        code, body = get(connect, "/")
+        assert code == 200
+        seen.add(int(body.split(b"pid ")[1].split(b",")[0]))
+        if seen == {leader.pid, *workers}:
+            break
+    assert seen == {leader.pid, *workers}
+
+
+@pytest.mark.slow
+def test_udpListenerReadByEveryProcess(procs: Processes, workdir: Path) -> None:
+    """
+    A UDP listener's datagrams are read by every process of a group (one shared socket).
+    """
+    from tests.test_listener_kinds import ROOT
+
+    port = freePort()
+    leader = procs.server(
+        [
+            "--port",
+            f"udp:{port}:interface=127.0.0.1",
+            "--control",
+            "c.sock",
+            "--workers",
+            "2",
+            "--factory",
+            "tests.apps.udp_pid.Echo",
+        ],
+        "gen1",
+    )
+    leader.start({"PYTHONPATH": str(ROOT)}).waitFor(r"1 workers accepting")
+    workers = _workerPids(procs, leader.pid)
+    seen: set[int] = set()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(5)
+        for _ in range(2000):
+            client.sendto(b"hello", ("127.0.0.1", port))
+            seen.add(int(client.recv(100).split()[1]))
+            if seen == {leader.pid, *workers}:
+                break
+    assert seen == {leader.pid, *workers}
