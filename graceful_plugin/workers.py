@@ -152,7 +152,13 @@ class WorkerGroup:
         """
         assert not self._started, "a group starts once"
         self._started = True
-        waits = [self._fill(slot) for slot in self._slots]
+        waits = []
+        for slot in self._slots:
+            try:
+                waits.append(self._fill(slot))
+            except Exception as e:
+                # (Nothing was started for this one: no interpreter to run, no descriptors.)
+                waits.append(fail(WorkerFailed(f"worker {slot.index} could not be started: {e}")))
         if not waits:
             return succeed(None)
         done: Deferred[None] = Deferred()

@@ -458,3 +458,23 @@ def test_describeShowsUptime() -> None:
     assert group.describe() == [
         {"index": 1, "pid": 100, "sessions": 0, "restarts": 0, "uptime": 3.0}
     ]
+
+
+def test_startFailsWhenAWorkerCannotBeSpawned() -> None:
+    """
+    A worker that cannot even be spawned fails the start with the reason, and the workers
+    already spawned are stopped.
+    """
+    clock = Clock()
+    spawner = Spawner()
+
+    def spawn(index: int, report: Callable[[int], None]) -> FakeWorker:
+        if index == 2:
+            raise OSError("no such interpreter")
+        return spawner(index, report)
+
+    group = WorkerGroup(2, spawn, clock)  # type: ignore[arg-type]
+    failure = failureResultOf(group.start(), WorkerFailed)
+    assert "worker 2 could not be started: no such interpreter" in failure.getErrorMessage()
+    assert spawner.started[0].killed
+    successResultOf(group.whenEnded())
