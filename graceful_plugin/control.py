@@ -128,11 +128,22 @@ class Abort(amp.Command):
     errors = {NoHandoff: b"NO_HANDOFF"}
 
 
+#: One process of a generation (graceful_plugin.workers): the leader is index 0.
+_workerEntry = [
+    (b"index", amp.Integer()),
+    (b"pid", amp.Integer()),
+    (b"sessions", amp.Integer()),
+    (b"restarts", amp.Integer()),
+    (b"uptime", amp.Float()),
+]
+
 _generationEntry = [
     (b"pid", amp.Integer()),
     (b"generation", amp.Integer()),
     (b"state", amp.Unicode()),
     (b"sessions", amp.Integer()),
+    # Every process of that generation, when it has workers.
+    (b"workers", amp.AmpList(_workerEntry, optional=True)),
 ]
 
 
@@ -180,19 +191,7 @@ class Status(amp.Command):
         (b"draining", amp.AmpList(_generationEntry)),
         (b"next", amp.Integer(optional=True)),
         # Every process of this generation, the leader (index 0) first (graceful_plugin.workers).
-        (
-            b"workers",
-            amp.AmpList(
-                [
-                    (b"index", amp.Integer()),
-                    (b"pid", amp.Integer()),
-                    (b"sessions", amp.Integer()),
-                    (b"restarts", amp.Integer()),
-                    (b"uptime", amp.Float()),
-                ],
-                optional=True,
-            ),
-        ),
+        (b"workers", amp.AmpList(_workerEntry, optional=True)),
     ]
 
 

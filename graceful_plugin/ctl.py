@@ -174,9 +174,11 @@ def formatStatus(status: dict[str, Any]) -> str:
     if draining:
         lines.append("draining:")
         for item in draining:
+            processes = item.get("workers") or []
             lines.append(
                 f"  pid {item['pid']}, generation {item['generation']}, {item['state']}:"
                 f" {item['sessions']} sessions"
+                + (f" in {len(processes)} processes" if len(processes) > 1 else "")
             )
     else:
         lines.append("draining: none")

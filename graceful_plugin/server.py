@@ -591,6 +591,7 @@ class GracefulServer(service.Service):
             "generation": self.generation,
             "state": self.machine.describe(),
             "sessions": self.liveSessions(),
+            "workers": self.workerEntries() if self.workers is not None else None,
         }
 
     def _drainingEntries(self) -> list[dict[str, Any]]:
@@ -740,7 +741,11 @@ class GracefulServer(service.Service):
         predecessor = self._predecessors.get(protocol)
         if predecessor is None:
             return
-        predecessor.entries = generations
+        # (AMP fills an optional field it did not get with None: drop those, as never said.)
+        predecessor.entries = [
+            {key: value for key, value in entry.items() if value is not None}
+            for entry in generations
+        ]
         # Pass the news on if we are draining ourselves.
         self._sessionsChanged()
 

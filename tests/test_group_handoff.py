@@ -7,11 +7,14 @@ accepts again; a confirmed handoff releases and drains every worker.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory
 
 from graceful_plugin.control import Abort, Accepting, Commit, NoHandoff
+from graceful_plugin.server import GracefulServer
 from graceful_plugin.workerspawn import WorkerSupervisor
 from tests.test_control import ControlTestCase
 from tests.test_workers import FakeWorker, Spawner
@@ -174,3 +177,33 @@ class GroupSessionsTests(GroupTestCase):
         self.assertEqual(self.server.machine.describe(), "draining")  # type: ignore[union-attr]
         self.workers[0].report(0)
         self.assertEqual(self.server.machine.describe(), "terminated")  # type: ignore[union-attr]
+
+
+class DrainingGroupTests(GroupTestCase):
+    def test_drainingGenerationReportsItsWorkers(self) -> None:
+        """
+        A draining group's report to its successor carries every process of it (and the
+        group's session sum), and the successor's status shows them; a single process's report
+        carries no workers field.
+        """
+        from twisted.test.iosim import connectedServerAndClient
+
+        from graceful_plugin.control import ClientHandler, ControlProtocol, ReportSessions
+
+        self.workers[0].report(2)
+        entry = self.server._ownEntry()
+        self.assertEqual(entry["sessions"], 2)
+        self.assertEqual(
+            [w["pid"] for w in entry["workers"]], [os.getpid()] + [w.pid for w in self.workers]
+        )
+        successor = GracefulServer(self.settings, Factory(), reactor=self.reactor)
+        link = ControlProtocol(successor)
+        predecessor = ControlProtocol(ClientHandler())
+        c, p, pump = connectedServerAndClient(lambda: predecessor, lambda: link)
+        successor.adoptPredecessorLink(link)
+        single = {"pid": 7, "generation": 0, "state": "draining", "sessions": 1}
+        predecessor.callRemote(ReportSessions, generations=[entry, single])
+        pump.flush()
+        draining = successor.status(link, 0)["draining"]
+        self.assertEqual([len(e.get("workers", [])) for e in draining], [3, 0])
+        self.assertEqual(draining[1], single)
