@@ -126,6 +126,11 @@ async def fetchStatus(reactor: Any, path: str) -> dict[str, Any]:
             nextStart = more.get("next", -1)
     finally:
         hangUp(protocol)
+    # (AMP fills an optional field the server did not send with None: not said, not shown.)
+    answer["draining"] = [
+        {key: value for key, value in entry.items() if value is not None}
+        for entry in answer.get("draining") or []
+    ]
     return answer
 
 
