@@ -125,6 +125,9 @@ class Hello(amp.Command):
         (b"version", amp.Integer()),
         (b"pid", amp.Integer()),
         (b"generation", amp.Integer()),
+        # How many processes serve in the predecessor's generation (a successor that names no
+        # --workers starts as many).
+        (b"workers", amp.Integer(optional=True)),
     ]
     errors = {
         HandoffBusy: b"BUSY",
@@ -258,6 +261,15 @@ class StandDown(amp.Command):
     response = []
 
 
+#: One process of a generation (graceful_plugin.workers): the leader is index 0.
+_workerEntry = [
+    (b"index", amp.Integer()),
+    (b"pid", amp.Integer()),
+    (b"sessions", amp.Integer()),
+    (b"restarts", amp.Integer()),
+    (b"uptime", amp.Float()),
+]
+
 _generationEntry = [
     (b"pid", amp.Integer()),
     (b"generation", amp.Integer()),
@@ -270,6 +282,8 @@ _generationEntry = [
         b"listeners",
         amp.AmpList([(b"name", amp.Unicode()), (b"sessions", amp.Integer())], optional=True),
     ),
+    # Every process of that generation, when it has workers.
+    (b"workers", amp.AmpList(_workerEntry, optional=True)),
 ]
 
 #: At most this many listeners in a generation entry's C{listeners} (one AMP value: 64 KiB).
@@ -335,6 +349,8 @@ class Status(amp.Command):
                 optional=True,
             ),
         ),
+        # Every process of this generation, the leader (index 0) first (graceful_plugin.workers).
+        (b"workers", amp.AmpList(_workerEntry, optional=True)),
     ]
     errors = {BadArgument: b"BAD_ARGUMENT"}
 

@@ -109,14 +109,27 @@ def formatStatus(status: dict[str, Any]) -> str:
                 f"{'accepting' if item['accepting'] else 'paused'}, {item['sessions']} sessions"
             )
     total = sum(item["sessions"] for item in listeners if item["kind"] != "control")
+    workers = status.get("workers") or []
+    if len(workers) > 1:
+        total = sum(item["sessions"] for item in workers)
+        lines.append(
+            f"workers: {len(workers)}: "
+            + ", ".join(
+                f"pid {w['pid'] or '-'} {w['sessions']} sessions"
+                + (f" ({w['restarts']} restarts)" if w["restarts"] else "")
+                for w in workers
+            )
+        )
     lines.append(f"live sessions: {total}")
     draining = status["draining"]
     if draining:
         lines.append("draining:")
         for item in draining:
+            processes = item.get("workers") or []
             lines.append(
                 f"  pid {item['pid']}, generation {item['generation']}, {item['state']}:"
                 f" {item['sessions']} sessions"
+                + (f" in {len(processes)} processes" if len(processes) > 1 else "")
             )
     else:
         lines.append("draining: none")

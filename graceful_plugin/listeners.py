@@ -545,6 +545,22 @@ class _AdoptablePortMixin:
     _accepting = False
     # Never shutdown(2) the socket: another process may be accepting on it.
     _shouldShutdown = False
+    #: At most this many connections accepted per wake-up (None: Twisted's adaptive count, up
+    #: to 100 and more).  Processes sharing a socket set it low, so that a burst is not taken
+    #: whole by the first one to wake.
+    acceptBatch: int | None = None
+    _numberAccepts = 100
+
+    @property
+    def numberAccepts(self) -> int:
+        # (tcp.Port.doRead reads and adapts this: the cap holds whatever it sets.)
+        if self.acceptBatch is None:
+            return self._numberAccepts
+        return min(self._numberAccepts, self.acceptBatch)
+
+    @numberAccepts.setter
+    def numberAccepts(self, value: int) -> None:
+        self._numberAccepts = value
 
     def pauseAccepting(self) -> None:
         """

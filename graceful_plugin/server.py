@@ -97,6 +97,9 @@ class Settings:
     activated: list[Any] = field(default_factory=list)
     #: The listener that serves the metrics (C{--metrics}), if any of our own.
     metrics: ListenerSpec | None = None
+    #: How many processes serve in this generation (the leader and workers 1 .. N-1); 0 for a
+    #: successor that keeps its predecessor's count.
+    workers: int = 1
 
 
 class TakeoverFailed(Exception):
@@ -171,6 +174,9 @@ class GracefulServer(service.Service):
         self.controlLimits = ControlConnections(
             reactor, settings.maxControlConnections, settings.controlIdleTimeout
         )
+        #: The generation's other worker processes, if any
+        #: (L{graceful_plugin.workerspawn.WorkerSupervisor}): C{describe()} and C{sessions}.
+        self.workers: Any = None
 
     def _tell(self, event: str, *args: Any) -> None:
         """
@@ -546,7 +552,17 @@ class GracefulServer(service.Service):
             self._closing.append(port.close())
 
     def liveSessions(self) -> int:
-        return sum(port.sessions.count for port in self.ports)
+        """
+        The live sessions of the whole generation: ours and every worker's.
+        """
+        own = sum(port.sessions.count for port in self.ports)
+        return own + (self.workers.sessions if self.workers is not None else 0)
+
+    def workersChanged(self) -> None:
+        """
+        A worker's session count changed (or a worker ended).
+        """
+        self._sessionsChanged()
 
     def beginDrain(self) -> None:
         self._draining = True
@@ -694,6 +710,7 @@ class GracefulServer(service.Service):
             if self._drainingSince is None
             else time.monotonic() - self._drainingSince,
             "listeners": [{"name": p.name, "sessions": p.sessions.count} for p in busiest],
+            "workers": self.workerEntries() if self.workers is not None else None,
         }
 
     def _drainingEntries(self) -> list[dict[str, Any]]:
@@ -787,7 +804,12 @@ class GracefulServer(service.Service):
         if not self.machine.requestHandoff():
             self._successor = None
             raise HandoffBusy(f"handoff already in progress or server {self.machine.describe()}")
-        return {"version": PROTOCOL_VERSION, "pid": os.getpid(), "generation": self.generation}
+        return {
+            "version": PROTOCOL_VERSION,
+            "pid": os.getpid(),
+            "generation": self.generation,
+            "workers": max(self.settings.workers, 1),
+        }
 
     def _requireSuccessor(self, protocol: ControlProtocol) -> GenerationInputs:
         if protocol is not self._successor or self.machine is None:
@@ -830,9 +852,7 @@ class GracefulServer(service.Service):
         asked = self.reactor.seconds()
         return told.addCallback(lambda _: self._commitNow(protocol, dropped, asked))
 
-    def _commitNow(
-        self, protocol: ControlProtocol, dropped: list[str] | None, asked: float
-    ) -> dict[str, Any]:
+    def _commitNow(self, protocol: ControlProtocol, dropped: list[str] | None, asked: float) -> Any:
         machine = self._requireSuccessor(protocol)
         # Listeners the successor does not keep: closed for good once it accepts.
         self._dropped = set(dropped or [])
@@ -845,11 +865,28 @@ class GracefulServer(service.Service):
             ms=(self._committedAt - protocol.openedAt) * 1000,
             generation=self.generation,
         )
-        self._tell("handoffPaused", self._successorPid)
-        return {
+        answer = {
             "confirmWithin": self.settings.confirmTimeout,
             "waited": self.reactor.seconds() - asked,
         }
+        workers = self.workers
+        if workers is None or not workers.active:
+            self._tell("handoffPaused", self._successorPid)
+            return answer
+
+        # At most one generation accepts: answer only once every worker has paused too.
+        def paused(_: object) -> dict[str, Any]:
+            self.log.info("every worker paused", generation=self.generation)
+            self._tell("handoffPaused", self._successorPid)
+            return answer
+
+        def notPaused(failure: Failure) -> dict[str, Any]:
+            reason = f"a worker did not pause: {failure.getErrorMessage()}"
+            if self.machine is not None:
+                self.machine.successorLost(reason)
+            raise NoHandoff(f"the handoff was rolled back: {reason}")
+
+        return workers.pause().addCallbacks(paused, notPaused)
 
     def accepting(self, protocol: ControlProtocol) -> dict[str, Any]:
         if protocol is not self._successor or self.machine is None:
@@ -881,8 +918,15 @@ class GracefulServer(service.Service):
 
     def reportSessions(self, protocol: ControlProtocol, generations: list[dict[str, Any]]) -> None:
         # From our predecessor's link, or from a generation draining further behind that
-        # connected to us directly once the generation it reported to had gone.
-        self.draining.report(protocol, generations)
+        # connected to us directly once the generation it reported to had gone.  (AMP fills an
+        # optional field it did not get with None: drop those, as never said.)
+        self.draining.report(
+            protocol,
+            [
+                {key: value for key, value in entry.items() if value is not None}
+                for entry in generations
+            ],
+        )
         # Pass the news on if we are draining ourselves.
         self._sessionsChanged()
 
@@ -911,12 +955,26 @@ class GracefulServer(service.Service):
             "draining": self._drainingEntries(),
             "next": nextStart if nextStart < len(ports) else -1,
             "drainingGenerations": self.drainingGenerations(),
+            "workers": self.workerEntries(),
             **self.figures.totals(),
         }
 
     def counters(self, protocol: ControlProtocol, start: int) -> dict[str, Any]:
         self._requireSuccessor(protocol)
         return self.figures.batch(self._allPorts(), start)
+
+    def workerEntries(self) -> list[dict[str, Any]]:
+        """
+        Every process serving in this generation: the leader (index 0), then its workers.
+        """
+        own = {
+            "index": 0,
+            "pid": os.getpid(),
+            "sessions": sum(port.sessions.count for port in self.ports),
+            "restarts": 0,
+            "uptime": time.monotonic() - self.startedAt,
+        }
+        return [own] + (self.workers.describe() if self.workers is not None else [])
 
     def stop(self, protocol: ControlProtocol, drainTimeout: float | None) -> dict[str, Any]:
         self.reactor.callLater(0, self.stopGracefully, drainTimeout)

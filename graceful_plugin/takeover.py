@@ -57,6 +57,7 @@ from graceful_plugin.metrics import (
     releaseMetrics,
 )
 from graceful_plugin.server import TakeoverFailed, maybeReady
+from graceful_plugin.workers import WorkerFailed
 
 if TYPE_CHECKING:
     from graceful_plugin.server import GracefulServer, Port
@@ -200,6 +201,10 @@ async def takeOver(server: GracefulServer) -> None:
         raise TakeoverFailed(f"{path} closed the connection: {e.__class__.__name__}") from None
     predecessorPid = hello["pid"]
     server.generation = hello["generation"] + 1
+    workers = server.workers
+    if workers is not None and not settings.workers:
+        # No --workers of our own: as many processes as the predecessor has.
+        settings.workers = workers.count = hello.get("workers") or 1
     log.info(
         "taking over from pid {pid} (generation {generation})",
         pid=predecessorPid,
@@ -226,7 +231,16 @@ async def takeOver(server: GracefulServer) -> None:
             adopted.append(metrics)
             ports.append(metrics)
         adoptedAt = time.monotonic()
-        await _timed(maybeReady(server._ready), deadline, reactor)
+        # Our workers start (and load the application) while ours gets ready: the commit waits
+        # for every one of them, and none accepts before it.
+        # (The first failure of either ends the wait: a worker that dies fails the handoff now.)
+        waits = [maybeReady(server._ready)]
+        if workers is not None:
+            waits.append(workers.startWith(ports, server.generation))
+        try:
+            await _timed(defer.gatherResults(waits, consumeErrors=True), deadline, reactor)
+        except defer.FirstError as e:
+            raise e.subFailure.value from None
         readyAt = time.monotonic()
         committing = link.callRemote(Commit, dropped=dropped)
         # Right behind the Commit, so answered once the predecessor has paused: final figures.
@@ -244,6 +258,9 @@ async def takeOver(server: GracefulServer) -> None:
                 " resumed"
             )
     except BaseException as e:
+        if workers is not None:
+            # Every worker of ours stops (none ever accepted); the predecessor's serve on.
+            workers.abandon()
         for port in adopted:
             port.release()
         _closeAll(received)
@@ -260,6 +277,8 @@ async def takeOver(server: GracefulServer) -> None:
                 link.transport.loseConnection()
         if isinstance(e, TakeoverFailed):
             raise
+        if isinstance(e, WorkerFailed):
+            raise TakeoverFailed(str(e)) from None
         if isinstance(e, ConnectionClosed):
             raise TakeoverFailed("the predecessor closed the control connection") from None
         if isinstance(e, NoHandoff):
@@ -270,10 +289,27 @@ async def takeOver(server: GracefulServer) -> None:
     server.beginServing()
     holdMetrics(ports)
     figures = await _counters(link, counters, deadline, reactor)
+    if workers is not None and workers.active:
+        try:
+            await _timed(workers.resume(), answer["confirmWithin"] / 2, reactor)
+        except Exception as e:
+            # Not confirmed yet: all or nothing, the predecessor resumes all of its own.
+            _stepBack(server)
+            workers.abandon()
+            reason = f"a worker did not start accepting: {e}"
+            try:
+                await _timed(link.callRemote(Abort, reason=reason), 2.0, reactor)
+            except (ConnectionClosed, NoHandoff, amp.RemoteAmpError, defer.TimeoutError):
+                pass
+            if link.transport is not None:
+                link.transport.loseConnection()
+            raise TakeoverFailed(f"{reason}; the predecessor serves on") from None
     try:
         await _timed(link.callRemote(Accepting), deadline, reactor)
     except RolledBack as e:
         _stepBack(server)
+        if workers is not None:
+            workers.abandon()
         raise TakeoverFailed(f"the predecessor rolled back: {e}; it serves on") from None
     except ConnectionClosed:
         # The predecessor resumes on its own only after its confirm deadline: before half of it
@@ -281,6 +317,8 @@ async def takeOver(server: GracefulServer) -> None:
         late = time.monotonic() - committedAt > answer["confirmWithin"] / 2
         if late and pidfile.alive(predecessorPid):
             _stepBack(server)
+            if workers is not None:
+                workers.abandon()
             raise TakeoverFailed(
                 "the predecessor dropped the connection too late to confirm; it serves on"
             ) from None

@@ -140,6 +140,20 @@ class Options(usage.Options):
         self["application"] = None
         self["app"] = None
         self["metrics"] = None
+        self["workers"] = None
+
+    def opt_workers(self, value: str) -> None:
+        """
+        How many processes serve, N or auto (one per CPU this process may run on): this one
+        and N-1 worker processes accepting on the same sockets (default 1: this process
+        alone). A successor that names none keeps its predecessor's count.
+        """
+        try:
+            self["workers"] = parseWorkers(value)
+        except ValueError as e:
+            raise usage.UsageError(f"--workers: {e}") from None
+
+    opt_workers.__doc__ = " ".join((opt_workers.__doc__ or "").split())
 
     def opt_port(self, spec: str) -> None:
         """
@@ -275,6 +289,24 @@ class Options(usage.Options):
         self._loadApplication()
 
 
+def parseWorkers(value: str) -> int:
+    """
+    A C{--workers} value: a whole number of at least 1, or C{auto} for one per CPU this
+    process may run on.
+
+    @raise ValueError: with a sentence, for anything else.
+    """
+    if value == "auto":
+        return len(os.sched_getaffinity(0))
+    try:
+        count = int(value)
+    except ValueError:
+        raise ValueError(f"takes a whole number or auto, not {value!r}") from None
+    if count < 1:
+        raise ValueError("must be at least 1")
+    return count
+
+
 def _activatedSockets() -> list[Any]:
     """
     The listening sockets systemd passed us (socket activation), if any.
@@ -354,6 +386,8 @@ def makeService(options: Options) -> service.IService:
         restartDirectory=os.getcwd(),
         activated=options.get("activated") or [],
         metrics=options["metrics"],
+        # 0: as many as the predecessor has (a takeover that names none).
+        workers=options["workers"] or (0 if options["takeover"] else 1),
     )
     holder: dict[str, GracefulServer] = {}
     app = options["app"]
@@ -370,4 +404,18 @@ def makeService(options: Options) -> service.IService:
     # Every generation appends to the one log file twistd names (graceful_plugin.logfile).
     top = SharedLogService(server.twistdConfig)
     server.setServiceParent(top)
+    if settings.workers != 1:
+        from graceful_plugin.workerspawn import WorkerSupervisor
+
+        application = list(options["application"]) if options["application"] else None
+        supervisor = WorkerSupervisor(
+            settings.workers,
+            application,
+            settings.drainTimeout,
+            server.reactor,
+            sessionsChanged=server.workersChanged,
+        )
+        server.workers = supervisor
+        server.observers.append(supervisor)
+        supervisor.setServiceParent(top)
     return top

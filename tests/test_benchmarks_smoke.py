@@ -158,3 +158,30 @@ def test_article_experiment_counts_what_the_article_saw(tmp_path):
     assert graceful["by_outcome"]["ok"] == 8
     assert "failed" not in graceful["restart"]
     assert "target (graceful): no failed download: PASS" in done.stdout
+
+
+@pytest.mark.slow
+def test_workersBenchmarkPrintsEveryCount(tmp_path: Path) -> None:
+    """workers.py measures 1 and 2 workers (fresh and keep-alive) and prints each run, with the
+    spread of connections over the processes and no error."""
+    import shutil
+
+    _require_graceful()
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk is not installed (apt-get install wrk)")
+    out = tmp_path / "workers.json"
+    argv = [sys.executable, str(BENCHMARKS / "workers.py"), "--workers", "1", "--workers", "2"]
+    argv += ["--duration", "1", "--warmup", "0", "--connections", "4", "--json", str(out)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 workers / 1 worker, fresh connections" in done.stdout
+    runs = json.loads(out.read_text())["runs"]
+    assert [run["workers"] for run in runs] == [1, 2]
+    for run in runs:
+        for mode in ("fresh", "keepalive"):
+            assert run[mode]["rps"] > 0 and run[mode]["errors"] == 0
+        # Every process accepted some of the probes; the keep-alive spread is one status read,
+        # which a loaded machine may answer after this short run has ended.
+        assert len(run["fresh"]["spread"]) == run["workers"]
+        spread = run["keepalive"]["spread"]
+        assert not spread or abs(sum(spread) - 1) < 0.01

@@ -229,7 +229,10 @@ class HelloTests(ControlTestCase):
         """
         client, _, pump = self.connect()
         answer = self.hello(pump, client)
-        self.assertEqual(answer, {"version": PROTOCOL_VERSION, "pid": os.getpid(), "generation": 1})
+        self.assertEqual(
+            answer,
+            {"version": PROTOCOL_VERSION, "pid": os.getpid(), "generation": 1, "workers": 1},
+        )
         self.assertEqual(self.state(), "handing_off")
 
     def test_versionMismatch(self) -> None:

@@ -1,6 +1,7 @@
 """
 A WSGI application that is ready only once the file named by ``GRACEFUL_TEST_READY_FILE`` exists
-(a test creates it when it has seen what it wants to see meanwhile), and one whose readiness fails.
+(a test creates it when it has seen what it wants to see meanwhile), one whose readiness fails,
+and the demo application (``/bytes/N``, for load) that is ready only once the file exists.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from graceful_plugin.apps import IReady
+from graceful_plugin.web import DemoRoot
 
 log = Logger()
 
@@ -63,3 +65,19 @@ class BrokenApp(SlowApp):
 
 app = SlowApp()
 broken = BrokenApp()
+
+
+@implementer(IReady)
+class SlowDemo(DemoRoot):
+    """
+    The demo application (``/`` and ``/bytes/N``), ready only once the file appears.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(lambda: 0)
+
+    ready = SlowApp.ready
+
+
+def slowDemo() -> SlowDemo:
+    return SlowDemo()

@@ -1,0 +1,378 @@
+"""
+The leader's side of its worker processes: start each one the Twisted way
+(C{reactor.spawnProcess}, the listening sockets in C{childFDs}, a private socketpair for the AMP
+link), follow it to its end, and wire a L{graceful_plugin.workers.WorkerGroup} of them into a
+generation.
+
+A worker is never forked from this process (its reactor runs: the epoll descriptor and the
+thread pool would be shared); it is a new interpreter that loads the application itself.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application import service
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from graceful_plugin.lifecycle import Observer
+from graceful_plugin.worker import WorkerConfig
+from graceful_plugin.workercontrol import (
+    COMMANDS,
+    WORKER_PROTOCOL_VERSION,
+    OneProtocol,
+    WorkerReady,
+    WorkerSessions,
+    shareAccepts,
+)
+from graceful_plugin.workers import IWorker, WorkerFailed, WorkerGroup
+
+#: The first descriptor number a worker's listeners get (0-2 are stdio, 3 is the link).
+FIRST_LISTENER_FD = 4
+
+
+def describeStatus(reason: Failure) -> str:
+    """
+    A process's end (from C{processEnded}) in words: C{exit status 0}, C{killed by SIGKILL}.
+    """
+    value = reason.value
+    sig = getattr(value, "signal", None)
+    if sig:
+        try:
+            return f"killed by {signal.Signals(sig).name}"
+        except ValueError:
+            return f"killed by signal {sig}"
+    return f"exit status {getattr(value, 'exitCode', None) or 0}"
+
+
+class LeaderLink(amp.AMP):
+    """
+    The leader's end of the link to one worker.
+    """
+
+    def __init__(self, worker: WorkerProcess) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        super().connectionLost(reason)
+        self.worker.linkLost(reason)
+
+    @WorkerReady.responder
+    def _ready(self, version: int, pid: int) -> dict[str, Any]:
+        self.worker.readyReceived(version)
+        return {}
+
+    @WorkerSessions.responder
+    def _sessions(self, sessions: int) -> dict[str, Any]:
+        self.worker.report(sessions)
+        return {}
+
+
+@implementer(IWorker)
+class WorkerProcess(ProcessProtocol):
+    """
+    One worker process: its link, its readiness and its end.
+    """
+
+    def __init__(self, index: int, report: Callable[[int], None]) -> None:
+        self.index = index
+        self.report = report
+        self.pid = 0
+        self.ready: Deferred[None] = Deferred()
+        self.ended: Deferred[str] = Deferred()
+        self.link: LeaderLink | None = None
+
+    def readyReceived(self, version: int) -> None:
+        if self.ready.called:
+            return
+        if version != WORKER_PROTOCOL_VERSION:
+            self.ready.errback(
+                WorkerFailed(f"the worker speaks protocol {version}, we {WORKER_PROTOCOL_VERSION}")
+            )
+            return
+        self.ready.callback(None)
+
+    def linkLost(self, reason: Failure) -> None:
+        # A worker that closes its link before it is ready is about to exit: its readiness
+        # fails with its exit status (or at the group's ready deadline, if it does not exit).
+        self.link = None
+
+    def processEnded(self, reason: Failure) -> None:  # type: ignore[override]
+        if self.link is not None and self.link.transport is not None:
+            self.link.transport.loseConnection()
+        status = describeStatus(reason)
+        if not self.ready.called:
+            self.ready.errback(WorkerFailed(status))
+        self.ended.callback(status)
+
+    def command(self, name: str) -> Deferred[None]:
+        link = self.link
+        if link is None or link.transport is None:
+            return fail(WorkerFailed(f"worker {self.index} (pid {self.pid}) has no link"))
+        return link.callRemote(COMMANDS[name]).addCallback(lambda _: None)
+
+    def kill(self) -> None:
+        if self.transport is None:
+            return
+        try:
+            self.transport.signalProcess("KILL")
+        except ProcessExitedAlready:
+            pass
+
+
+def spawnWorker(
+    reactor: Any,
+    index: int,
+    report: Callable[[int], None],
+    listeners: list[dict[str, Any]],
+    application: list[str] | None,
+    generation: int,
+    drainTimeout: float,
+) -> WorkerProcess:
+    """
+    Start worker C{index} (at idle priority; it restores its own before it says it is ready).
+
+    @param listeners: one entry per listening socket: C{fd} (ours, duplicated into the
+        worker), C{kind}, C{name} and C{spec}.
+    """
+    from graceful_plugin.takeover import idleChildren
+
+    worker = WorkerProcess(index, report)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    try:
+        childFDs: dict[int, Any] = {0: devnull, 1: 1, 2: 2, 3: theirs.fileno()}
+        entries = []
+        for number, entry in enumerate(listeners, FIRST_LISTENER_FD):
+            childFDs[number] = entry["fd"]
+            entries.append({**entry, "fd": number})
+        config = WorkerConfig(
+            index=index,
+            leader=os.getpid(),
+            link=3,
+            listeners=entries,
+            application=application,
+            generation=generation,
+            drainTimeout=drainTimeout,
+        )
+        with idleChildren():
+            transport = reactor.spawnProcess(
+                worker,
+                sys.executable,
+                [sys.executable, "-m", "graceful_plugin.worker", config.toJSON()],
+                env=dict(os.environ),
+                path=os.getcwd(),
+                childFDs=childFDs,
+            )
+        worker.pid = transport.pid
+        worker.link = LeaderLink(worker)
+        reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, OneProtocol(worker.link))
+    finally:
+        os.close(devnull)
+        ours.close()
+        theirs.close()
+    return worker
+
+
+def listenerEntries(ports: list[Any]) -> list[dict[str, Any]]:
+    """
+    What a worker needs of each of our listeners: its descriptor, kind, name and ``--port``
+    text (a TLS listener's key files are read by each worker itself).
+    """
+    entries = []
+    for port in ports:
+        spec = getattr(port, "spec", None)
+        entries.append(
+            {
+                "fd": port.fileno(),
+                "kind": port.kind,
+                "name": port.name,
+                "spec": spec.text if spec is not None else None,
+            }
+        )
+    return entries
+
+
+class WorkerSupervisor(Observer, service.Service):
+    """
+    The workers 1 .. N-1 of a generation, wired to it.
+
+    A first generation starts them once it serves and tells them to accept once all are ready
+    (one that cannot start them stops, exit status 1: it was asked for N processes).  A
+    successor starts them with the listeners it received (L{startWith}), commits only once all
+    are ready, and tells them to accept after the commit (L{resume}).  As a predecessor, the
+    generation pauses them before it answers Commit (L{pause}), resumes them if the handoff is
+    rolled back, and releases and drains them once the successor confirmed.  A stop stops them
+    all, and the generation's process waits for them to exit.
+
+    @ivar count: how many processes serve in the generation, the leader included.
+    @ivar group: the L{WorkerGroup}, once started.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        count: int,
+        application: list[str] | None,
+        drainTimeout: float,
+        reactor: Any = None,
+        spawn: Callable[..., Any] = spawnWorker,
+        sessionsChanged: Callable[[], None] | None = None,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.count = count
+        self.application = application
+        self.drainTimeout = drainTimeout
+        self.reactor = reactor
+        self._spawn = spawn
+        self._onSessions = sessionsChanged
+        self.group: WorkerGroup | None = None
+        self._stopped: Deferred[None] | None = None
+        self._stopping = False
+
+    @property
+    def active(self) -> bool:
+        """
+        Whether this generation has worker processes besides its leader.
+        """
+        return self.group is not None and len(self.group) > 0
+
+    def startWith(self, ports: list[Any], generation: int) -> Deferred[None]:
+        """
+        Start the N-1 workers on C{ports} (our own listeners, not accepting).
+
+        @return: fires when every worker is ready (none accepts yet); fails with
+            L{WorkerFailed} when one cannot get ready, every worker stopped.
+        """
+        assert self.group is None, "a generation starts its workers once"
+        listeners = listenerEntries(ports)
+        if self.count > 1:
+            shareAccepts(ports)
+
+        def spawn(index: int, report: Callable[[int], None]) -> Any:
+            return self._spawn(
+                self.reactor,
+                index,
+                report,
+                listeners,
+                self.application,
+                generation,
+                self.drainTimeout,
+            )
+
+        def changed() -> None:
+            if self._onSessions is not None:
+                self._onSessions()
+
+        self.group = WorkerGroup(
+            max(self.count - 1, 0),
+            spawn,
+            self.reactor,
+            stopTimeout=self.drainTimeout + 10.0,
+            sessionsChanged=changed,
+        )
+        if self.count > 1:
+            self.log.info("starting {count} workers", count=self.count - 1)
+        return self.group.start()
+
+    def resume(self) -> Deferred[None]:
+        """
+        Every worker accepts; fires once each acknowledged.
+        """
+        if self.group is None:
+            return succeed(None)
+        d = self.group.command("resume")
+        if self.active:
+            d.addCallback(
+                lambda _: self.log.info("{count} workers accepting", count=len(self.group or ()))
+            )
+        return d
+
+    def pause(self) -> Deferred[None]:
+        """
+        No worker accepts; fires once each acknowledged, fails if one died or did not answer.
+        """
+        if self.group is None:
+            return succeed(None)
+        return self.group.command("pause")
+
+    def serving(self, server: Any) -> None:
+        if self.group is not None or self.count <= 1 or self._stopping:
+            return
+        d = self.startWith(server.ports, server.generation)
+        d.addCallback(lambda _: self.resume())
+        d.addErrback(lambda failure: self._cannotStart(server, failure))
+
+    def _cannotStart(self, server: Any, failure: Failure) -> None:
+        if self._stopping:
+            return
+        self.log.critical(
+            "cannot start the workers: {reason}; stopping", reason=failure.getErrorMessage()
+        )
+        server.exitCode = 1
+        server.stopGracefully()
+
+    def handoffAborted(self, server: Any, pid: int, reason: str) -> None:
+        # Rolled back, maybe after our workers paused for the commit: they accept again.
+        if self.active and not self._stopping:
+            self.resume().addErrback(
+                lambda f: self.log.warn("after the rollback: {reason}", reason=f.getErrorMessage())
+            )
+
+    def handoffCommitted(self, server: Any, pid: int) -> None:
+        # The successor accepts: every worker lets go of the listeners and drains.
+        if not self.active:
+            return
+        group = self.group
+        assert group is not None
+        d = group.command("release")
+        d.addBoth(lambda _: group.command("drain"))
+        d.addErrback(
+            lambda f: self.log.warn("draining the workers: {reason}", reason=f.getErrorMessage())
+        )
+
+    def describe(self) -> list[dict[str, Any]]:
+        """
+        One entry per worker besides the leader (see L{WorkerGroup.describe}).
+        """
+        return self.group.describe() if self.group is not None else []
+
+    @property
+    def sessions(self) -> int:
+        """
+        The live sessions of every worker but the leader.
+        """
+        return self.group.sessions if self.group is not None else 0
+
+    def abandon(self) -> Deferred[None]:
+        """
+        Stop every worker (a successor stepping back); fires when all have ended.
+        """
+        if self.group is None:
+            return succeed(None)
+        if self._stopped is None:
+            self._stopped = self.group.stop()
+        return self._stopped
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        self._stopping = True
+        if self.group is None:
+            return None
+        return self.abandon()

@@ -1,0 +1,209 @@
+"""
+The predecessor's side of a group handoff, in memory: a serving generation with fake ports and a
+L{WorkerSupervisor} of fake workers, driven over the AMP control channel.  Commit is answered only
+once every worker paused; a worker that cannot pause rolls the handoff back and every worker
+accepts again; a confirmed handoff releases and drains every worker.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory
+
+from graceful_plugin.control import Abort, Accepting, Commit, NoHandoff
+from graceful_plugin.server import GracefulServer
+from graceful_plugin.workerspawn import WorkerSupervisor
+from tests.test_control import ControlTestCase
+from tests.test_workers import FakeWorker, Spawner
+
+
+class GroupTestCase(ControlTestCase):
+    """
+    A serving generation of three processes: the leader and two fake workers, all accepting.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.spawner = Spawner()
+
+        def spawn(reactor: Any, index: int, report: Any, *args: Any) -> FakeWorker:
+            self.spawnedWith = args
+            return self.spawner(index, report)
+
+        self.supervisor = WorkerSupervisor(
+            3,
+            None,
+            60.0,
+            self.reactor,
+            spawn=spawn,
+            sessionsChanged=self.server.workersChanged,
+        )
+        self.server.workers = self.supervisor
+        self.server.observers.append(self.supervisor)
+        self.server.settings.workers = 3
+        started = self.supervisor.startWith(self.server.ports, 1)
+        for worker in self.spawner.started:
+            worker.ready.callback(None)
+        self.successResultOf(started)
+        resumed = self.supervisor.resume()
+        for worker in self.spawner.started:
+            worker.ack("resume")
+        self.successResultOf(resumed)
+        self.workers = list(self.spawner.started)
+
+    def committing(self) -> tuple[Any, Any, Deferred[Any]]:
+        client, _, pump = self.connect()
+        hello = self.hello(pump, client)
+        self.assertEqual(hello["workers"], 3)
+        self.takeAll(pump, client)
+        d = client.callRemote(Commit)
+        results: list[Any] = []
+        d.addBoth(results.append)
+        pump.flush()
+        return client, pump, results  # type: ignore[return-value]
+
+
+class GroupCommitTests(GroupTestCase):
+    def test_workersGetTheListeners(self) -> None:
+        """
+        Each worker is started with every listener of the leader (descriptor, kind, name).
+        """
+        listeners = self.spawnedWith[0]
+        self.assertEqual(
+            [(e["fd"], e["kind"], e["name"]) for e in listeners],
+            [(self.web.fd, "tcp", "web"), (self.api.fd, "tcp", "api")],
+        )
+
+    def test_commitAnsweredOnlyOnceEveryWorkerPaused(self) -> None:
+        """
+        Commit pauses the leader's ports and sends pause to every worker; the answer comes only
+        after the last acknowledgement.
+        """
+        client, pump, results = self.committing()
+        self.assertFalse(self.web.accepting)
+        self.assertEqual([w.pending() for w in self.workers], [["pause"], ["pause"]])
+        self.workers[0].ack("pause")
+        pump.flush()
+        self.assertEqual(results, [])
+        self.workers[1].ack("pause")
+        pump.flush()
+        self.assertEqual(results, [{"confirmWithin": 10.0}])
+        self.assertEqual(self.state(), "committed")
+
+    def test_workerDyingBeforePausingRollsBack(self) -> None:
+        """
+        A worker that dies before acknowledging its pause fails the Commit; the leader resumes
+        accepting and the surviving worker is told to accept again.
+        """
+        client, pump, results = self.committing()
+        self.workers[0].ack("pause")
+        self.workers[1].die("killed by signal 9")
+        pump.flush()
+        [failure] = results
+        failure.trap(NoHandoff)
+        self.assertIn("killed by signal 9", failure.getErrorMessage())
+        self.assertEqual(self.state(), "serving")
+        self.assertTrue(self.web.accepting)
+        self.assertEqual(self.workers[0].pending(), ["resume"])
+
+    def test_workerMissingThePauseDeadlineRollsBack(self) -> None:
+        """
+        A worker that does not acknowledge its pause in time fails the Commit and the group
+        resumes.
+        """
+        client, pump, results = self.committing()
+        self.workers[0].ack("pause")
+        self.reactor.advance(10.0)
+        pump.flush()
+        [failure] = results
+        failure.trap(NoHandoff)
+        self.assertEqual(self.state(), "serving")
+        self.assertIn("resume", self.workers[0].pending())
+
+    def test_abortAfterCommitResumesEveryWorker(self) -> None:
+        """
+        An Abort after the group paused resumes the leader and every worker.
+        """
+        client, pump, results = self.committing()
+        for worker in self.workers:
+            worker.ack("pause")
+        pump.flush()
+        self.assertEqual(self.call(pump, client, Abort, reason="a new worker died"), {})
+        self.assertTrue(self.web.accepting)
+        self.assertEqual([w.pending() for w in self.workers], [["resume"], ["resume"]])
+
+    def test_acceptingReleasesThenDrainsEveryWorker(self) -> None:
+        """
+        Once the successor confirms, every worker is told to release, then to drain.
+        """
+        client, pump, results = self.committing()
+        for worker in self.workers:
+            worker.ack("pause")
+        pump.flush()
+        self.web.sessions.opened(object())
+        self.assertEqual(self.call(pump, client, Accepting), {})
+        self.assertEqual([w.pending() for w in self.workers], [["release"], ["release"]])
+        for worker in self.workers:
+            worker.ack("release")
+        self.assertEqual([w.pending() for w in self.workers], [["drain"], ["drain"]])
+
+
+class GroupSessionsTests(GroupTestCase):
+    def test_sessionsAreTheGroupsSum(self) -> None:
+        """
+        The generation's live sessions are its own and every worker's; status lists each.
+        """
+        self.web.sessions.opened(object())
+        self.workers[0].report(2)
+        self.workers[1].report(3)
+        self.assertEqual(self.server.liveSessions(), 6)
+        entries = self.server.status(None, 0)["workers"]  # type: ignore[arg-type]
+        self.assertEqual([e["sessions"] for e in entries], [1, 2, 3])
+        self.assertEqual([e["pid"] for e in entries[1:]], [w.pid for w in self.workers])
+
+    def test_drainEndsWhenTheLastWorkerSessionEnds(self) -> None:
+        """
+        A draining generation terminates only when the workers' sessions are gone too.
+        """
+        self.workers[0].report(1)
+        client, pump, results = self.committing()
+        for worker in self.workers:
+            worker.ack("pause")
+        pump.flush()
+        self.call(pump, client, Accepting)
+        self.assertEqual(self.server.machine.describe(), "draining")  # type: ignore[union-attr]
+        self.workers[0].report(0)
+        self.assertEqual(self.server.machine.describe(), "terminated")  # type: ignore[union-attr]
+
+
+class DrainingGroupTests(GroupTestCase):
+    def test_drainingGenerationReportsItsWorkers(self) -> None:
+        """
+        A draining group's report to its successor carries every process of it (and the
+        group's session sum), and the successor's status shows them; a single process's report
+        carries no workers field.
+        """
+        from twisted.test.iosim import connectedServerAndClient
+
+        from graceful_plugin.control import ClientHandler, ControlProtocol, ReportSessions
+
+        self.workers[0].report(2)
+        entry = self.server._ownEntry()
+        self.assertEqual(entry["sessions"], 2)
+        self.assertEqual(
+            [w["pid"] for w in entry["workers"]], [os.getpid()] + [w.pid for w in self.workers]
+        )
+        successor = GracefulServer(self.settings, Factory(), reactor=self.reactor)
+        link = ControlProtocol(successor)
+        predecessor = ControlProtocol(ClientHandler())
+        c, p, pump = connectedServerAndClient(lambda: predecessor, lambda: link)
+        successor.adoptPredecessorLink(link)
+        single = {"pid": 7, "generation": 0, "state": "draining", "sessions": 1}
+        predecessor.callRemote(ReportSessions, generations=[entry, single])
+        pump.flush()
+        draining = successor.status(link, 0)["draining"]
+        self.assertEqual([len(e.get("workers", [])) for e in draining], [3, 0])
+        self.assertEqual(draining[1], single)
