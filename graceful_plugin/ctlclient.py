@@ -86,6 +86,15 @@ class Command:
         self.requiresAnswer = requiresAnswer
 
 
+#: One process of a generation: the leader is index 0.
+_workerEntry: Schema = (
+    (b"index", Integer()),
+    (b"pid", Integer()),
+    (b"sessions", Integer()),
+    (b"restarts", Integer()),
+    (b"uptime", Float()),
+)
+
 _generationEntry: Schema = (
     (b"pid", Integer()),
     (b"generation", Integer()),
@@ -94,6 +103,8 @@ _generationEntry: Schema = (
     # Optional: seconds spent draining so far, and the live sessions by listener.
     (b"since", Float(optional=True)),
     (b"listeners", AmpList(((b"name", Unicode()), (b"sessions", Integer())), optional=True)),
+    # Every process of that generation, when it has workers.
+    (b"workers", AmpList(_workerEntry, optional=True)),
 )
 
 _phaseEntry: Schema = (
@@ -134,6 +145,7 @@ Status = Command(
                 ((b"name", Unicode()), (b"count", Integer()), (b"sum", Float())), optional=True
             ),
         ),
+        (b"workers", AmpList(_workerEntry, optional=True)),
     ),
 )
 

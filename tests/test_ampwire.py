@@ -242,7 +242,7 @@ class FutureStatus(amp.Command):
         (b"p99", amp.Float()),
         (b"healthy", amp.Boolean()),
         (b"release", amp.Unicode()),
-        (b"workers", amp.AmpList([(b"pid", amp.Integer()), (b"role", amp.Unicode())])),
+        (b"threads", amp.AmpList([(b"tid", amp.Integer()), (b"role", amp.Unicode())])),
     ]
 
 
@@ -272,7 +272,7 @@ def test_newFieldsPassThrough() -> None:
         "p99": 1e-05,
         "healthy": False,
         "release": "2026.12 (abc)",
-        "workers": [{"pid": 11, "role": "worker"}],
+        "threads": [{"tid": 11, "role": "worker"}],
     }
     decoded = decodeValues(
         ctlclient.Status.response, _wire(FutureStatus.makeResponse(values, None))
