@@ -11,6 +11,7 @@ but those three (every listening socket is close-on-exec anyway).
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -82,6 +83,73 @@ def parseRestartCommand(text: str) -> list[str]:
     if not command:
         raise ValueError("the command is empty")
     return command
+
+
+#: Words in an option's name that mark its value as a secret in the logged form of a command.
+SECRET_WORDS = frozenset(
+    {"password", "passwd", "pass", "secret", "token", "apikey", "credentials", "auth", "key"}
+)
+
+#: Longer words found anywhere in an option's name (C{--db-password}, C{--githubtoken}).
+SECRET_PARTS = ("password", "passwd", "secret", "token", "apikey", "credential", "privatekey")
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
+
+#: What a redacted value reads as.
+REDACTED = "***"
+
+
+def _secretOption(name: str) -> bool:
+    bare = name.lstrip("-").lower()
+    words = re.split(r"[-_.]", bare)
+    flat = bare.replace("-", "").replace("_", "").replace(".", "")
+    return any(w in SECRET_WORDS for w in words) or any(p in flat for p in SECRET_PARTS)
+
+
+def redactCommand(command: Sequence[str]) -> str:
+    """
+    A command line as it may be logged: the values of environment assignments (C{env
+    NAME=value ...}, and C{NAME=value} words before the program) and of options that look
+    secret (C{--password=X}, C{--api-token X}) shown as C{***}.  Only the logged form changes:
+    the command that runs is the one given.
+    """
+    shown: list[str] = []
+    hideNext = False
+    keepNext = False
+    # Before the program: leading NAME=value words, env and its options and assignments.
+    leading = True
+    for index, arg in enumerate(command):
+        if hideNext:
+            shown.append(REDACTED)
+            hideNext = False
+            continue
+        if keepNext:
+            shown.append(shlex.quote(arg))
+            keepNext = False
+            continue
+        if leading:
+            if _ENV_NAME.match(arg):
+                shown.append(shlex.quote(arg.split("=", 1)[0]) + "=" + REDACTED)
+                continue
+            if index == 0 and os.path.basename(arg) == "env":
+                shown.append(shlex.quote(arg))
+                continue
+            if index > 0 and os.path.basename(command[0]) == "env" and arg.startswith("-"):
+                shown.append(shlex.quote(arg))
+                # env's options that take a value: -u NAME, -C DIR.
+                keepNext = arg in ("-u", "--unset", "-C", "--chdir")
+                continue
+            leading = False
+        if arg.startswith("-") and len(arg) > 1 and _secretOption(arg.partition("=")[0]):
+            name, eq, _ = arg.partition("=")
+            if eq:
+                shown.append(shlex.quote(name) + "=" + REDACTED)
+            else:
+                shown.append(shlex.quote(arg))
+                hideNext = True
+            continue
+        shown.append(shlex.quote(arg))
+    return " ".join(shown)
 
 
 def restartCommand(given: list[str] | None, controlPath: str) -> list[str]:
@@ -218,10 +286,10 @@ class Restarter(Observer):
         self.log.info(
             "restart: started successor pid {pid}: {command}",
             pid=process.pid,
-            command=" ".join(command),
+            command=redactCommand(command),
             generation=server.generation,
         )
-        self._phase("spawned", f"pid {process.pid}: {' '.join(command)}")
+        self._phase("spawned", f"pid {process.pid}: {redactCommand(command)}")
         # Until it says hello, the successor is on our clock; from then on the handoff's.
         current.deadline = self.reactor.callLater(self.startTimeout, self._noHello, current)
         self._poll()
