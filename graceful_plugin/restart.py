@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from graceful_plugin.control import HandoffBusy, RestartFailed
@@ -169,7 +170,7 @@ def spawnDetached(command: Sequence[str], cwd: str | None) -> subprocess.Popen[b
 
     @raise OSError: when it cannot be started (no such program, not executable).
     """
-    from graceful_plugin.takeover import idleChildren
+    from graceful_plugin.priority import idleChildren
 
     with idleChildren():
         return subprocess.Popen(
@@ -200,7 +201,8 @@ class _Restart:
     One restart in progress.
     """
 
-    process: subprocess.Popen[bytes]
+    #: The successor (a L{subprocess.Popen} or a L{ForkedProcess}), once started.
+    process: Any
     started: float
     progress: Progress | None
     done: Deferred[dict[str, Any]]
@@ -227,9 +229,13 @@ class Restarter(Observer):
         pollInterval: float = POLL_INTERVAL,
         startTimeout: float = START_TIMEOUT,
         killGroup: Callable[[int, int], None] = os.killpg,
+        launcher: Any = None,
     ) -> None:
         self.server = server
         self.spawn = spawn
+        #: Forks successors from the fork server (L{graceful_plugin.forkclient.ForkLauncher});
+        #: without one, every successor is started in full with C{spawn}.
+        self.launcher = launcher
         self.killGroup = killGroup
         self.pollInterval = pollInterval
         self.startTimeout = startTimeout
@@ -241,12 +247,16 @@ class Restarter(Observer):
     def reactor(self) -> Any:
         return self.server.reactor
 
-    def start(self, progress: Progress | None = None) -> Deferred[dict[str, Any]]:
+    def start(
+        self, progress: Progress | None = None, fresh: bool = False
+    ) -> Deferred[dict[str, Any]]:
         """
-        Start a successor.
+        Start a successor: forked by the fork server when there is one (L{ForkLauncher}), else
+        in full.
 
         @param progress: called with (phase, milliseconds since the start, detail) at each
             phase.
+        @param fresh: have the fork server replace itself with a fresh one first.
         @return: fires, once the successor confirmed it accepts, with its C{pid}, C{generation},
             C{ms} and C{phases}; fails with L{RestartFailed} and the reason when the handoff was
             rolled back or the successor exited first.
@@ -256,8 +266,10 @@ class Restarter(Observer):
         """
         server = self.server
         if self._current is not None:
+            process = self._current.process
             raise HandoffBusy(
-                f"a restart is already in progress (successor pid {self._current.process.pid})"
+                "a restart is already in progress ("
+                + (f"successor pid {process.pid})" if process is not None else "starting)")
             )
         state = server.machine.describe() if server.machine is not None else "starting"
         if state != "serving":
@@ -272,28 +284,57 @@ class Restarter(Observer):
         command = server.settings.restartCommand
         if not command:
             raise RestartFailed("this server has no command to start a successor with")
+        cwd = server.settings.restartDirectory or None
+        current = _Restart(
+            process=None, started=time.monotonic(), progress=progress, done=Deferred()
+        )
+        self._current = current
         try:
-            process = self.spawn(command, server.settings.restartDirectory or None)
+            if self.launcher is not None:
+                launched = self.launcher.launch(command, cwd, fresh, self.spawn)
+            else:
+                launched = self.spawn(command, cwd)
         except OSError as e:
+            self._current = None
             raise RestartFailed(
                 f"cannot start the successor {command[0]!r}: {e.strerror or e}"
             ) from None
-        current = _Restart(
-            process=process, started=time.monotonic(), progress=progress, done=Deferred()
-        )
-        self._current = current
+        # Until it says hello, the successor is on our clock; from then on the handoff's.
+        current.deadline = self.reactor.callLater(self.startTimeout, self._noHello, current)
+        if isinstance(launched, Deferred):
+            launched.addCallbacks(
+                lambda process: self._spawned(current, process, command),
+                lambda failure: self._spawnFailed(current, command, failure),
+            )
+        else:
+            self._spawned(current, launched, command)
+        return current.done
+
+    def _spawned(self, current: _Restart, process: Any, command: Sequence[str]) -> None:
         self._children.append(process)
+        if self._current is not current:
+            return  # (it timed out meanwhile: the poller reaps it)
+        current.process = process
         self.log.info(
             "restart: started successor pid {pid}: {command}",
             pid=process.pid,
             command=redactCommand(command),
-            generation=server.generation,
+            generation=self.server.generation,
         )
         self._phase("spawned", f"pid {process.pid}: {redactCommand(command)}")
-        # Until it says hello, the successor is on our clock; from then on the handoff's.
-        current.deadline = self.reactor.callLater(self.startTimeout, self._noHello, current)
-        self._poll()
-        return current.done
+        if self._poller is None:
+            self._poll()
+
+    def _spawnFailed(self, current: _Restart, command: Sequence[str], failure: Failure) -> None:
+        if self._current is not current:
+            return
+        error = failure.value
+        why = (
+            error.strerror or str(error)
+            if isinstance(error, OSError)
+            else failure.getErrorMessage()
+        )
+        self._finish(None, f"cannot start the successor {command[0]!r}: {why}")
 
     # -- following the successor ------------------------------------------------------------
 
@@ -308,7 +349,7 @@ class Restarter(Observer):
             phase=phase,
             ms=ms,
             detail=detail,
-            successor=current.process.pid,
+            successor=current.process.pid if current.process is not None else None,
             generation=self.server.generation,
         )
         if current.progress is not None:
@@ -327,7 +368,7 @@ class Restarter(Observer):
             self.log.warn(
                 "restart failed: {reason}",
                 reason=reason,
-                successor=current.process.pid,
+                successor=current.process.pid if current.process is not None else None,
                 generation=self.server.generation,
                 ms=(time.monotonic() - current.started) * 1000,
             )
@@ -368,6 +409,9 @@ class Restarter(Observer):
         current.deadline = None
         if self._current is not current:
             return
+        if current.process is None:
+            self._finish(None, f"the successor was not started within {self.startTimeout:g} s")
+            return
         try:
             self.killGroup(current.process.pid, signal.SIGKILL)
         except OSError:
@@ -379,6 +423,11 @@ class Restarter(Observer):
         )
 
     # -- IGenerationObserver ----------------------------------------------------------------
+
+    def serving(self, server: Any) -> None:
+        if self.launcher is not None:
+            # Find the fork server (or start one) for our own successors.
+            self.launcher.start()
 
     def handoffStarted(self, server: Any, pid: int) -> None:
         current = self._current
@@ -413,7 +462,7 @@ class Restarter(Observer):
         current = self._current
         if current is None or not current.helloPid:
             return
-        code = current.process.poll()
+        code = current.process.poll() if current.process is not None else None
         if code is not None:
             reason = f"{reason} (the successor {describeExit(code)})"
         self._phase("rolled_back", reason)

@@ -61,6 +61,15 @@ class Options(usage.Options):
         "accepting, drains its connections and exits."
     )
 
+    optFlags = [
+        [
+            "no-fork-server",
+            None,
+            "Start every successor in full, not as a fork of a fork server that has imported "
+            "Twisted and graceful once.",
+        ],
+    ]
+
     optParameters = [
         ["control", "c", "graceful.sock", "Path of the control socket (mode 0600)."],
         [
@@ -291,6 +300,7 @@ def makeService(options: Options) -> service.IService:
         maxDraining=options["max-draining"],
         restartCommand=restartCommand(options.get("restart-command"), options["control"]),
         restartDirectory=os.getcwd(),
+        forkServer=not options["no-fork-server"],
         activated=options.get("activated") or [],
     )
     holder: dict[str, GracefulServer] = {}
