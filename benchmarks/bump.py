@@ -132,6 +132,16 @@ def stop_descendants(timeout: float = 10.0) -> None:
     reap_all()
 
 
+def cpu_ms(pid: int) -> float | None:
+    """CPU time (user + system) ``pid`` has used so far, in ms (10 ms resolution)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
 def read_pid(path: Path) -> int | None:
     try:
         text = path.read_text().strip()
@@ -235,7 +245,10 @@ class Graceful(Server):
         while time.monotonic() < until:
             new = read_pid(self.pidfile)
             if new and new != old and "serving_s" not in event:
+                # The successor owns the pidfile once its predecessor confirmed: its CPU time
+                # then is what its start-up and handoff cost.
                 event["serving_s"] = time.monotonic() - event["start"]
+                event["successor_cpu_ms"] = cpu_ms(new)
             if not alive(old):
                 event["old_exited_s"] = time.monotonic() - event["start"]
                 return
@@ -523,11 +536,13 @@ def fmt(value, digits: int = 1) -> str:
 
 def table(runs: list[dict]) -> str:
     head = ["scenario", "requests", "failed", "dl", "dl failed", "p50 away", "p99 away"]
-    head += ["p99 near", "ratio", "rate near", "min 100ms", "takeover s", "failed takeovers"]
+    head += ["p99 near", "ratio", "rate near", "min 100ms", "takeover s", "start CPU ms"]
+    head += ["failed takeovers"]
     rows = [head]
     for run in runs:
         spans = [e.get("old_exited_s") or e.get("serving_s") for e in run["takeovers"]]
         spans = sorted(s for s in spans if s is not None)
+        cpus = sorted(e["successor_cpu_ms"] for e in run["takeovers"] if e.get("successor_cpu_ms"))
         rows.append(
             [
                 run["scenario"],
@@ -542,6 +557,7 @@ def table(runs: list[dict]) -> str:
                 fmt(run["rate_near"], 2),
                 fmt(run["rate_min_bin"], 2),
                 fmt(spans[len(spans) // 2], 2) if spans else "-",
+                fmt(cpus[len(cpus) // 2], 0) if cpus else "-",
                 sum("failed" in e for e in run["takeovers"]),
             ]
         )
@@ -557,7 +573,8 @@ def table(runs: list[dict]) -> str:
         f"latencies in ms; ratio = p99 near / p99 away (target <= {TARGET_RATIO} for graceful);"
         f" rate near = completions per 100 ms in the first {runs[0]['near_s'] if runs else '-'} s"
         f" after a takeover / away (target >= {TARGET_RATE}); min 100ms = its lowest bin;"
-        " takeover s = median time to the old process's exit (or to the new one serving)"
+        " takeover s = median time to the old process's exit (or to the new one serving);"
+        " start CPU ms = median CPU the graceful successor used until it served"
     )
     for run in runs:
         for event in run["takeovers"]:
