@@ -357,12 +357,13 @@ class Gunicorn(Server):
         argv += ["--worker-class", "gthread", "--threads", "16", "--backlog", "4096"]
         argv += ["--pid", str(self.pidfile), "--chdir", str(HERE), "--graceful-timeout", "30"]
         argv += ["--no-control-socket", "--error-logfile", "-", "static_wsgi:app"]
-        self.spawn(argv, env=env)
+        self.master = self.spawn(argv, env=env).pid
         wait_for(lambda: serves(self.port), 30, "starting gunicorn")
 
     def takeover(self) -> dict:
-        master = read_pid(self.pidfile)
-        assert master is not None
+        # (Not from the pidfile: after USR2 the new arbiter writes PIDFILE.2, and the old one
+        # removes PIDFILE on its way out.)
+        master = self.master
         event = {"start": time.monotonic(), "old_pid": master}
         os.kill(master, signal.SIGHUP if self.name == "gunicorn-hup" else signal.SIGUSR2)
         return event
@@ -377,6 +378,7 @@ class Gunicorn(Server):
             new = next((c for c in children_of(old) if alive(c) and children_of(c)), None)
             if new is not None:
                 event["serving_s"] = time.monotonic() - event["start"]
+                self.master = new
                 os.kill(old, signal.SIGTERM)
                 break
             time.sleep(0.005)
@@ -386,6 +388,10 @@ class Gunicorn(Server):
         while time.monotonic() < until and alive(old):
             time.sleep(0.005)
         event["old_exited_s"] = time.monotonic() - event["start"]
+        # The new arbiter takes another USR2 only once it has seen its parent go and promoted
+        # itself (within its 1 s loop), renaming PIDFILE.2 to PIDFILE.
+        while time.monotonic() < until and read_pid(self.pidfile) != self.master:
+            time.sleep(0.005)
 
 
 KINDS = {"nginx": Nginx, "haproxy": HAProxy, "gunicorn-hup": Gunicorn, "gunicorn-usr2": Gunicorn}
@@ -651,7 +657,8 @@ def main(argv=None) -> int:
     become_subreaper()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, loadtest.raise_on_signal(KeyboardInterrupt()))
-    runs = []
+    runs: list[dict] = []
+    broken: list[str] = []
     try:
         for name in args.scenario or SCENARIOS:
             why = available(name)
@@ -664,12 +671,15 @@ def main(argv=None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-            run = run_scenario(name, args)
+            try:
+                run = run_scenario(name, args)
+            except (loadtest.ServerDied, RuntimeError, OSError, AssertionError) as exc:
+                # One broken scenario does not lose the others' numbers.
+                print(f"{name}: error: {exc}", file=sys.stderr)
+                broken.append(name)
+                continue
             run["near_s"] = args.near
             runs.append(run)
-    except loadtest.ServerDied as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted: every process stopped", file=sys.stderr)
         return 130
@@ -681,6 +691,9 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps(document, indent=1, default=str) + "\n")
     if args.plot is not None and runs:
         plot(runs, args.plot)
+    if broken:
+        print(f"broken scenarios: {', '.join(broken)}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import struct
+import sys
 import time
 from pathlib import Path
 
@@ -279,3 +280,29 @@ def test_successorByHandIsIdleUntilItConnects(procs: Processes, workdir: Path) -
     byHand.waitFor(r"took over from pid")
     assert _policy(byHand.pid) == os.SCHED_OTHER
     assert first.wait(30) == 0
+
+
+def test_forkedSuccessorsExitStatusReachesTheRestart(procs: Processes, workdir: Path) -> None:
+    """
+    A forked successor that exits before taking over (its new application fails to import)
+    fails the restart with its exit status, which the fork server reaped and passed on; the
+    server serves on.
+    """
+    from tests.procs import TWISTD
+
+    port = freePort()
+    successor = f"{sys.executable} {TWISTD} -n graceful --takeover c.sock"
+    successor += " --wsgi tests.apps.broken_import.app"
+    first = procs.server([*_args(port), "--restart-command", successor], "gen1")
+    first.start({"PYTHONPATH": str(ROOT)})
+    first.waitServing()
+    forkServer = _forkServer(first)
+    track(procs, forkServer)
+    result = ctl(workdir, "--control", "c.sock", "restart", timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "exited with status 1 before taking over" in result.stderr
+    log = first.text()
+    assert f"fork server pid {forkServer} forked the successor pid" in log
+    assert "RuntimeError: this release is broken" in log
+    code, body = httpGet("127.0.0.1", port, "/")
+    assert code == 200 and f"pid {first.pid}, generation 1".encode() in body
