@@ -197,9 +197,9 @@ def program(argv: Sequence[str], executable: str | None = None) -> tuple[str, st
     argv = list(argv)
     if not argv:
         raise NotForkable("the command is empty")
-    if os.path.abspath(argv[0]) != os.path.abspath(executable):
+    if not sameInterpreter(argv[0], executable):
         interpreter = _shebang(argv[0])
-        if interpreter is None or os.path.abspath(interpreter) != os.path.abspath(executable):
+        if interpreter is None or not sameInterpreter(interpreter, executable):
             raise NotForkable(
                 f"the command runs {argv[0]}, not this fork server's interpreter {executable}"
             )
@@ -211,6 +211,17 @@ def program(argv: Sequence[str], executable: str | None = None) -> tuple[str, st
     if argv[1].startswith("-"):
         raise NotForkable(f"the command gives the interpreter the option {argv[1]}")
     return "script", argv[1], argv[2:]
+
+
+def sameInterpreter(path: str, executable: str) -> bool:
+    """
+    Whether C{path} runs the interpreter C{executable} is, with the same prefix: the same
+    binary in the same directory (C{python} and C{python3} of one virtualenv are; the same
+    binary linked from two virtualenvs is not).
+    """
+    if os.path.dirname(os.path.abspath(path)) != os.path.dirname(os.path.abspath(executable)):
+        return False
+    return os.path.realpath(path) == os.path.realpath(executable)
 
 
 def _shebang(path: str) -> str | None:

@@ -94,6 +94,18 @@ def test_programOfACommand(tmp_path: Path) -> None:
     script = tmp_path / "twistd"
     script.write_text(f"#!{exe}\nprint(1)\n")
     assert program([str(script), "-n"], exe) == ("script", str(script), ["-n"])
+    real = os.path.realpath(exe)
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    (tmp_path / "other" / "bin").mkdir(parents=True)
+    python, python3 = tmp_path / "venv" / "bin" / "python", tmp_path / "venv" / "bin" / "python3"
+    elsewhere = tmp_path / "other" / "bin" / "python3"
+    for link in (python, python3, elsewhere):
+        link.symlink_to(real)
+    # The same binary in the same directory (python and python3 of one virtualenv) is the same
+    # interpreter; the same binary linked from another virtualenv is not.
+    assert program([str(python), "/bin/twistd"], str(python3))[0] == "script"
+    with pytest.raises(NotForkable, match="not this fork server's interpreter"):
+        program([str(elsewhere), "/bin/twistd"], str(python3))
     for command, reason in [
         (["/usr/bin/env", "twistd"], "not this fork server's interpreter"),
         ([exe, "-X", "dev", "/bin/twistd"], "the option -X"),
