@@ -198,6 +198,7 @@ class Processes:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.servers: list[Server] = []
+        self._before = {pid for pid, _ in childProcesses(os.getpid())}
 
     def server(self, args: list[str], name: str | None = None) -> Server:
         server = Server(self.directory, args, name or f"server{len(self.servers) + 1}")
@@ -211,14 +212,22 @@ class Processes:
 
     def cleanup(self) -> None:
         # The fork servers our servers started (graceful_plugin.forkserver), found while their
-        # servers still live: killed and reaped after them.
-        forkServers = forkServersOf(
-            [s.pid for s in self.servers if getattr(s, "process", True) is not None]
-        )
+        # servers still live (or handed to us, when the test process is a child subreaper):
+        # killed and reaped after them.
+        tracked = [s.pid for s in self.servers if getattr(s, "process", True) is not None]
+        forkServers = forkServersOf([*tracked, os.getpid()])
         for server in self.servers:
             server.kill()
         for pid in forkServers:
             killAndReap(pid)
+        # Whatever exited during the test after being handed to us (a fork server that went
+        # away with its last generation): reaped, so that no zombie is left behind.
+        for pid, state in childProcesses(os.getpid()):
+            if state == "Z" and pid not in self._before:
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
 
 
 def isForkServer(pid: int) -> bool:
@@ -275,6 +284,7 @@ def killAndReap(pid: int, timeout: float = 10.0) -> None:
             if os.waitpid(pid, os.WNOHANG)[0] == pid:
                 return
         except ChildProcessError:
+            # Not our child: done once it is dead (its parent reaps it, or not: not ours to do).
             try:
                 with open(f"/proc/{pid}/stat") as f:
                     if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
