@@ -83,9 +83,15 @@ def test_forkedSuccessorTakesOverAndForksItsOwn(procs: Processes, workdir: Path)
     first.waitServing()
     forkServer = _forkServer(first)
     track(procs, forkServer)
+    # In the generation's process group (systemd and a terminal see one job), and idle: what
+    # it forks starts idle (the successor restores normal priority when it connects).
+    assert os.getpgid(forkServer) == os.getpgid(first.pid)
+    if canRestorePriority():
+        assert _policy(forkServer) == os.SCHED_IDLE
     second = _restart(workdir, first.pid)
     track(procs, second)
     assert first.wait(30) == 0
+    assert _policy(second) == os.SCHED_OTHER
     log = first.text()
     assert f"fork server pid {forkServer} forked the successor pid {second}" in log
     assert parentOf(second) == forkServer
