@@ -224,6 +224,8 @@ class ForkLauncher:
 
     def _cannotStart(self, failure: Failure) -> None:
         self.unavailable = f"the fork server could not be started: {failure.getErrorMessage()}"
+        if self._stopping:
+            return  # (we stopped before it was ready: no news)
         self.log.warn(
             "fork server: {reason}; successors will be started in full", reason=self.unavailable
         )

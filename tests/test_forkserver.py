@@ -270,6 +270,8 @@ def test_successorByHandIsIdleUntilItConnects(procs: Processes, workdir: Path) -
     port = freePort()
     first = procs.server(_args(port), "gen1").start()
     first.waitServing()
+    forkServer = _forkServer(first)
+    track(procs, forkServer)
     assert _policy(first.pid) == 0
     byHand = procs.server(["--takeover", "c.sock"], "byhand")
     byHand.start(
@@ -285,6 +287,8 @@ def test_successorByHandIsIdleUntilItConnects(procs: Processes, workdir: Path) -
     release.touch()
     byHand.waitFor(r"took over from pid")
     assert _policy(byHand.pid) == os.SCHED_OTHER
+    # Started by hand, it found the fork server from the control socket's path alone.
+    byHand.waitFor(rf"fork server pid {forkServer} at @")
     assert first.wait(30) == 0
 
 
