@@ -449,13 +449,22 @@ class ForkServer:
             return
         sys.stdout.flush()
         sys.stderr.flush()
+        # The child waits on this pipe until its pid has been sent, so that the generation
+        # hears of the fork before it hears from the successor.
+        goR, goW = os.pipe()
         pid = os.fork()
         if pid == 0:
+            os.close(goW)
+            os.read(goR, 1)
+            os.close(goR)
             self._child(request, fds, kind, target, args)
+        os.close(goR)
         for passed in fds:
             os.close(passed)
         self.children[pid] = fd
         self._send(fd, {"op": "forked", "id": request.get("id"), "pid": pid, "refreshed": why})
+        os.write(goW, b"x")
+        os.close(goW)
 
     def _reap(self) -> None:
         while self.children:

@@ -208,6 +208,8 @@ class _Restart:
     done: Deferred[dict[str, Any]]
     phases: list[dict[str, Any]] = field(default_factory=list)
     helloPid: int = 0
+    #: Hello came before the launcher said the successor was started (a fork's answer is late).
+    helloPending: bool = False
     deadline: Any = None
 
 
@@ -322,6 +324,9 @@ class Restarter(Observer):
             generation=self.server.generation,
         )
         self._phase("spawned", f"pid {process.pid}: {redactCommand(command)}")
+        if current.helloPending:
+            current.helloPending = False
+            self._phase("hello", f"successor pid {current.helloPid} connected")
         if self._poller is None:
             self._poll()
 
@@ -437,6 +442,10 @@ class Restarter(Observer):
         if current.deadline is not None and current.deadline.active():
             current.deadline.cancel()
         current.deadline = None
+        if current.process is None:
+            # The fork server's answer (the pid) is still on its way: "spawned" comes first.
+            current.helloPending = True
+            return
         self._phase("hello", f"successor pid {pid} connected")
 
     def handoffPaused(self, server: Any, pid: int) -> None:

@@ -255,6 +255,29 @@ class RestarterTests(SynchronousTestCase):
         self.restarter.handoffCommitted(self.server, 4242)
         self.assertEqual(self.successResultOf(d)["pid"], 4242)
 
+    def test_helloBeforeTheForkAnswer(self) -> None:
+        """
+        A successor's hello that arrives before the launcher's answer with its pid still comes
+        after "spawned" in the phases.
+        """
+        answer: Deferred[Any] = Deferred()
+
+        class Launcher:
+            def launch(self, command: Any, cwd: Any, fresh: bool, fallback: Any) -> Any:
+                return answer
+
+        self.restarter.launcher = Launcher()
+        d = self.start()
+        self.restarter.handoffStarted(self.server, 4242)
+        self.assertEqual(self.progress, [])
+        answer.callback(FakeProcess(pid=4242))
+        self.restarter.handoffPaused(self.server, 4242)
+        self.restarter.handoffCommitted(self.server, 4242)
+        self.assertEqual(
+            [p for p, _ in self.progress], ["spawned", "hello", "committed", "accepting"]
+        )
+        self.assertEqual(self.successResultOf(d)["pid"], 4242)
+
     def test_launcherFailureFailsTheRestart(self) -> None:
         """
         When the launcher's start fails (its full start could not run either), the restart
