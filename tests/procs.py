@@ -216,9 +216,12 @@ class Processes:
         # killed and reaped after them.
         tracked = [s.pid for s in self.servers if getattr(s, "process", True) is not None]
         forkServers = forkServersOf([*tracked, os.getpid()])
+        # The successors they forked, tracked or not (a test that failed early may not have
+        # tracked its successor).
+        forked = {child for pid in forkServers for child, _ in childProcesses(pid)}
         for server in self.servers:
             server.kill()
-        for pid in forkServers:
+        for pid in sorted(forked) + sorted(forkServers):
             killAndReap(pid)
         # Whatever exited during the test after being handed to us (a fork server that went
         # away with its last generation): reaped, so that no zombie is left behind.
