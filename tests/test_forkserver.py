@@ -95,6 +95,8 @@ def test_forkedSuccessorTakesOverAndForksItsOwn(procs: Processes, workdir: Path)
     log = first.text()
     assert f"fork server pid {forkServer} forked the successor pid {second}" in log
     assert parentOf(second) == forkServer
+    # Named as its program (ps -o comm, pgrep, top), not as the fork server.
+    assert Path(f"/proc/{second}/comm").read_text().strip() == "twistd"
     code, body = httpGet("127.0.0.1", port, "/")
     assert code == 200 and f"pid {second}, generation 2".encode() in body
     # The successor found the same fork server and uses it for its own successor.
