@@ -8,6 +8,12 @@ connections and exit.
 
 import os as _os
 
+from graceful_plugin import priority as _priority
+
+# A successor started by hand (twistd graceful --takeover) goes idle here, at the first import of
+# graceful (twistd's plugin discovery imports the dropin, which imports us), until it connects.
+_priority.idleIfTakingOver()
+
 __version__ = "0.1.0"
 
 #: Socket activation's variables as this process found them, read before anything else can

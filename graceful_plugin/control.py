@@ -423,9 +423,11 @@ class Restart(amp.Command):
     generation and the phases with their times (milliseconds since the successor was started);
     or the error C{RESTART_FAILED} with the reason when it was rolled back.  With C{progress},
     each phase is also sent as it happens, as a L{RestartProgress} on the same connection.
+    With C{fresh}, the fork server (if any) replaces itself with a fresh one before forking the
+    successor, whether or not the code on disk changed.
     """
 
-    arguments = [(b"progress", amp.Boolean(optional=True))]
+    arguments = [(b"progress", amp.Boolean(optional=True)), (b"fresh", amp.Boolean(optional=True))]
     response = [
         (b"pid", amp.Integer()),
         (b"generation", amp.Integer()),
@@ -513,9 +515,10 @@ class IControlHandler(Interface):
         Answer L{Stop}.
         """
 
-    def restart(protocol: ControlProtocol, progress: bool) -> Any:
+    def restart(protocol: ControlProtocol, progress: bool, fresh: bool = False) -> Any:
         """
-        Answer L{Restart} (a L{Deferred} firing once the handoff is decided).
+        Answer L{Restart} (a L{Deferred} firing once the handoff is decided); C{fresh} asks for
+        a fresh fork server.
         """
 
 
@@ -746,8 +749,8 @@ class ControlProtocol(amp.AMP):
         return self.handler.stop(self, drainTimeout)
 
     @Restart.responder
-    def _restart(self, progress: bool = False) -> Any:
-        return self.handler.restart(self, progress)
+    def _restart(self, progress: bool = False, fresh: bool = False) -> Any:
+        return self.handler.restart(self, progress, bool(fresh))
 
 
 @implementer(IControlHandler)

@@ -11,6 +11,7 @@ but those three (every listening socket is close-on-exec anyway).
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from graceful_plugin.control import HandoffBusy, RestartFailed
@@ -84,6 +86,73 @@ def parseRestartCommand(text: str) -> list[str]:
     return command
 
 
+#: Words in an option's name that mark its value as a secret in the logged form of a command.
+SECRET_WORDS = frozenset(
+    {"password", "passwd", "pass", "secret", "token", "apikey", "credentials", "auth", "key"}
+)
+
+#: Longer words found anywhere in an option's name (C{--db-password}, C{--githubtoken}).
+SECRET_PARTS = ("password", "passwd", "secret", "token", "apikey", "credential", "privatekey")
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
+
+#: What a redacted value reads as.
+REDACTED = "***"
+
+
+def _secretOption(name: str) -> bool:
+    bare = name.lstrip("-").lower()
+    words = re.split(r"[-_.]", bare)
+    flat = bare.replace("-", "").replace("_", "").replace(".", "")
+    return any(w in SECRET_WORDS for w in words) or any(p in flat for p in SECRET_PARTS)
+
+
+def redactCommand(command: Sequence[str]) -> str:
+    """
+    A command line as it may be logged: the values of environment assignments (C{env
+    NAME=value ...}, and C{NAME=value} words before the program) and of options that look
+    secret (C{--password=X}, C{--api-token X}) shown as C{***}.  Only the logged form changes:
+    the command that runs is the one given.
+    """
+    shown: list[str] = []
+    hideNext = False
+    keepNext = False
+    # Before the program: leading NAME=value words, env and its options and assignments.
+    leading = True
+    for index, arg in enumerate(command):
+        if hideNext:
+            shown.append(REDACTED)
+            hideNext = False
+            continue
+        if keepNext:
+            shown.append(shlex.quote(arg))
+            keepNext = False
+            continue
+        if leading:
+            if _ENV_NAME.match(arg):
+                shown.append(shlex.quote(arg.split("=", 1)[0]) + "=" + REDACTED)
+                continue
+            if index == 0 and os.path.basename(arg) == "env":
+                shown.append(shlex.quote(arg))
+                continue
+            if index > 0 and os.path.basename(command[0]) == "env" and arg.startswith("-"):
+                shown.append(shlex.quote(arg))
+                # env's options that take a value: -u NAME, -C DIR.
+                keepNext = arg in ("-u", "--unset", "-C", "--chdir")
+                continue
+            leading = False
+        if arg.startswith("-") and len(arg) > 1 and _secretOption(arg.partition("=")[0]):
+            name, eq, _ = arg.partition("=")
+            if eq:
+                shown.append(shlex.quote(name) + "=" + REDACTED)
+            else:
+                shown.append(shlex.quote(arg))
+                hideNext = True
+            continue
+        shown.append(shlex.quote(arg))
+    return " ".join(shown)
+
+
 def restartCommand(given: list[str] | None, controlPath: str) -> list[str]:
     """
     The command that starts a successor: the one given, or our own command line (read now,
@@ -101,7 +170,7 @@ def spawnDetached(command: Sequence[str], cwd: str | None) -> subprocess.Popen[b
 
     @raise OSError: when it cannot be started (no such program, not executable).
     """
-    from graceful_plugin.takeover import idleChildren
+    from graceful_plugin.priority import idleChildren
 
     with idleChildren():
         return subprocess.Popen(
@@ -132,12 +201,15 @@ class _Restart:
     One restart in progress.
     """
 
-    process: subprocess.Popen[bytes]
+    #: The successor (a L{subprocess.Popen} or a L{ForkedProcess}), once started.
+    process: Any
     started: float
     progress: Progress | None
     done: Deferred[dict[str, Any]]
     phases: list[dict[str, Any]] = field(default_factory=list)
     helloPid: int = 0
+    #: Hello came before the launcher said the successor was started (a fork's answer is late).
+    helloPending: bool = False
     deadline: Any = None
 
 
@@ -159,9 +231,13 @@ class Restarter(Observer):
         pollInterval: float = POLL_INTERVAL,
         startTimeout: float = START_TIMEOUT,
         killGroup: Callable[[int, int], None] = os.killpg,
+        launcher: Any = None,
     ) -> None:
         self.server = server
         self.spawn = spawn
+        #: Forks successors from the fork server (L{graceful_plugin.forkclient.ForkLauncher});
+        #: without one, every successor is started in full with C{spawn}.
+        self.launcher = launcher
         self.killGroup = killGroup
         self.pollInterval = pollInterval
         self.startTimeout = startTimeout
@@ -173,12 +249,16 @@ class Restarter(Observer):
     def reactor(self) -> Any:
         return self.server.reactor
 
-    def start(self, progress: Progress | None = None) -> Deferred[dict[str, Any]]:
+    def start(
+        self, progress: Progress | None = None, fresh: bool = False
+    ) -> Deferred[dict[str, Any]]:
         """
-        Start a successor.
+        Start a successor: forked by the fork server when there is one (L{ForkLauncher}), else
+        in full.
 
         @param progress: called with (phase, milliseconds since the start, detail) at each
             phase.
+        @param fresh: have the fork server replace itself with a fresh one first.
         @return: fires, once the successor confirmed it accepts, with its C{pid}, C{generation},
             C{ms} and C{phases}; fails with L{RestartFailed} and the reason when the handoff was
             rolled back or the successor exited first.
@@ -188,8 +268,10 @@ class Restarter(Observer):
         """
         server = self.server
         if self._current is not None:
+            process = self._current.process
             raise HandoffBusy(
-                f"a restart is already in progress (successor pid {self._current.process.pid})"
+                "a restart is already in progress ("
+                + (f"successor pid {process.pid})" if process is not None else "starting)")
             )
         state = server.machine.describe() if server.machine is not None else "starting"
         if state != "serving":
@@ -204,28 +286,60 @@ class Restarter(Observer):
         command = server.settings.restartCommand
         if not command:
             raise RestartFailed("this server has no command to start a successor with")
+        cwd = server.settings.restartDirectory or None
+        current = _Restart(
+            process=None, started=time.monotonic(), progress=progress, done=Deferred()
+        )
+        self._current = current
         try:
-            process = self.spawn(command, server.settings.restartDirectory or None)
+            if self.launcher is not None:
+                launched = self.launcher.launch(command, cwd, fresh, self.spawn)
+            else:
+                launched = self.spawn(command, cwd)
         except OSError as e:
+            self._current = None
             raise RestartFailed(
                 f"cannot start the successor {command[0]!r}: {e.strerror or e}"
             ) from None
-        current = _Restart(
-            process=process, started=time.monotonic(), progress=progress, done=Deferred()
-        )
-        self._current = current
+        # Until it says hello, the successor is on our clock; from then on the handoff's.
+        current.deadline = self.reactor.callLater(self.startTimeout, self._noHello, current)
+        if isinstance(launched, Deferred):
+            launched.addCallbacks(
+                lambda process: self._spawned(current, process, command),
+                lambda failure: self._spawnFailed(current, command, failure),
+            )
+        else:
+            self._spawned(current, launched, command)
+        return current.done
+
+    def _spawned(self, current: _Restart, process: Any, command: Sequence[str]) -> None:
         self._children.append(process)
+        if self._current is not current:
+            return  # (it timed out meanwhile: the poller reaps it)
+        current.process = process
         self.log.info(
             "restart: started successor pid {pid}: {command}",
             pid=process.pid,
-            command=" ".join(command),
-            generation=server.generation,
+            command=redactCommand(command),
+            generation=self.server.generation,
         )
-        self._phase("spawned", f"pid {process.pid}: {' '.join(command)}")
-        # Until it says hello, the successor is on our clock; from then on the handoff's.
-        current.deadline = self.reactor.callLater(self.startTimeout, self._noHello, current)
-        self._poll()
-        return current.done
+        self._phase("spawned", f"pid {process.pid}: {redactCommand(command)}")
+        if current.helloPending:
+            current.helloPending = False
+            self._phase("hello", f"successor pid {current.helloPid} connected")
+        if self._poller is None:
+            self._poll()
+
+    def _spawnFailed(self, current: _Restart, command: Sequence[str], failure: Failure) -> None:
+        if self._current is not current:
+            return
+        error = failure.value
+        why = (
+            error.strerror or str(error)
+            if isinstance(error, OSError)
+            else failure.getErrorMessage()
+        )
+        self._finish(None, f"cannot start the successor {command[0]!r}: {why}")
 
     # -- following the successor ------------------------------------------------------------
 
@@ -240,7 +354,7 @@ class Restarter(Observer):
             phase=phase,
             ms=ms,
             detail=detail,
-            successor=current.process.pid,
+            successor=current.process.pid if current.process is not None else None,
             generation=self.server.generation,
         )
         if current.progress is not None:
@@ -259,7 +373,7 @@ class Restarter(Observer):
             self.log.warn(
                 "restart failed: {reason}",
                 reason=reason,
-                successor=current.process.pid,
+                successor=current.process.pid if current.process is not None else None,
                 generation=self.server.generation,
                 ms=(time.monotonic() - current.started) * 1000,
             )
@@ -300,6 +414,9 @@ class Restarter(Observer):
         current.deadline = None
         if self._current is not current:
             return
+        if current.process is None:
+            self._finish(None, f"the successor was not started within {self.startTimeout:g} s")
+            return
         try:
             self.killGroup(current.process.pid, signal.SIGKILL)
         except OSError:
@@ -312,6 +429,11 @@ class Restarter(Observer):
 
     # -- IGenerationObserver ----------------------------------------------------------------
 
+    def serving(self, server: Any) -> None:
+        if self.launcher is not None:
+            # Find the fork server (or start one) for our own successors.
+            self.launcher.start()
+
     def handoffStarted(self, server: Any, pid: int) -> None:
         current = self._current
         if current is None:
@@ -320,6 +442,10 @@ class Restarter(Observer):
         if current.deadline is not None and current.deadline.active():
             current.deadline.cancel()
         current.deadline = None
+        if current.process is None:
+            # The fork server's answer (the pid) is still on its way: "spawned" comes first.
+            current.helloPending = True
+            return
         self._phase("hello", f"successor pid {pid} connected")
 
     def handoffPaused(self, server: Any, pid: int) -> None:
@@ -345,7 +471,7 @@ class Restarter(Observer):
         current = self._current
         if current is None or not current.helloPid:
             return
-        code = current.process.poll()
+        code = current.process.poll() if current.process is not None else None
         if code is not None:
             reason = f"{reason} (the successor {describeExit(code)})"
         self._phase("rolled_back", reason)

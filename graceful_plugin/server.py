@@ -93,6 +93,8 @@ class Settings:
     #: the directory to start it in.
     restartCommand: list[str] | None = None
     restartDirectory: str = ""
+    #: Whether successors are forked from a fork server (L{graceful_plugin.forkserver}).
+    forkServer: bool = False
     #: Sockets systemd passed (socket activation), for the first generation's listeners.
     activated: list[Any] = field(default_factory=list)
     #: The listener that serves the metrics (C{--metrics}), if any of our own.
@@ -164,8 +166,14 @@ class GracefulServer(service.Service):
         self._committedAt = 0.0
         from graceful_plugin.restart import Restarter
 
-        #: Starts our successor on request (L{restart}, SIGHUP, SIGUSR2).
-        self.restarter = Restarter(self)
+        launcher = None
+        if settings.forkServer:
+            from graceful_plugin.forkclient import ForkLauncher
+
+            launcher = ForkLauncher(reactor, settings.controlPath)
+        #: Starts our successor on request (L{restart}, SIGHUP, SIGUSR2): forked by the fork
+        #: server when there is one.
+        self.restarter = Restarter(self, launcher=launcher)
         #: Told of every transition (L{graceful_plugin.lifecycle.IGenerationObserver}).
         self.observers: list[Any] = [self.restarter]
         #: Our hot standby for a successor that confirmed (L{graceful_plugin.standby}).
@@ -980,15 +988,21 @@ class GracefulServer(service.Service):
         self.reactor.callLater(0, self.stopGracefully, drainTimeout)
         return {}
 
-    def restart(self, protocol: ControlProtocol, progress: bool) -> Deferred[dict[str, Any]]:
+    def restart(
+        self, protocol: ControlProtocol, progress: bool, fresh: bool = False
+    ) -> Deferred[dict[str, Any]]:
         def report(phase: str, ms: float, detail: str) -> None:
             # (AMP never sets Protocol.connected: look at the transport.)
             transport = protocol.transport
             if transport is not None and not getattr(transport, "disconnecting", True):
                 protocol.callRemote(control.RestartProgress, phase=phase, ms=ms, detail=detail)
 
-        self.log.info("restart requested over the control socket", generation=self.generation)
-        return self.restarter.start(report if progress else None)
+        self.log.info(
+            "restart requested over the control socket{fresh}",
+            fresh=" (with a fresh fork server)" if fresh else "",
+            generation=self.generation,
+        )
+        return self.restarter.start(report if progress else None, fresh=fresh)
 
 
 def _specText(port: Any) -> str | None:

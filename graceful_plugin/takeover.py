@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import gc
 import os
-import resource
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
@@ -56,6 +53,12 @@ from graceful_plugin.metrics import (
     openMetrics,
     releaseMetrics,
 )
+from graceful_plugin.priority import (  # noqa: F401 (re-exported: the names were here first)
+    canRestorePriority,
+    idleChildren,
+    lowerPriority,
+    restorePriority,
+)
 from graceful_plugin.server import TakeoverFailed, maybeReady
 from graceful_plugin.workers import WorkerFailed
 
@@ -63,73 +66,6 @@ if TYPE_CHECKING:
     from graceful_plugin.server import GracefulServer, Port
 
 log = Logger()
-
-
-def canRestorePriority(
-    euid: int | None = None, niceLimit: int | None = None, nice: int | None = None
-) -> bool:
-    """
-    Whether this process may go back from idle to normal scheduling: Linux lets an unprivileged
-    process leave C{SCHED_IDLE} only when C{RLIMIT_NICE} allows its nice value.
-
-    @param euid: the effective uid (ours when L{None}).
-    @param niceLimit: the soft C{RLIMIT_NICE} (ours when L{None}).
-    @param nice: the nice value (ours when L{None}).
-    """
-    if (os.geteuid() if euid is None else euid) == 0:
-        return True
-    if niceLimit is None:
-        niceLimit = resource.getrlimit(resource.RLIMIT_NICE)[0]
-    if nice is None:
-        nice = os.getpriority(os.PRIO_PROCESS, 0)
-    return niceLimit == resource.RLIM_INFINITY or niceLimit >= 20 - nice
-
-
-def lowerPriority() -> None:
-    """
-    Run our start-up (imports, building the application) at idle priority, so that it does not
-    compete with the serving process for the CPU.  L{restorePriority} undoes it before the
-    handoff itself, which must be quick.  Nothing is lowered that could not be restored.
-    """
-    if not canRestorePriority():
-        return
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
-        pass
-
-
-def restorePriority() -> None:
-    """
-    Back to normal scheduling for the handoff and for serving.
-    """
-    try:
-        if os.sched_getscheduler(0) != os.SCHED_OTHER:
-            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-    except (AttributeError, OSError) as e:
-        log.warn("cannot leave idle scheduling ({error}): serving at low priority", error=str(e))
-
-
-@contextmanager
-def idleChildren() -> Iterator[None]:
-    """
-    Processes started inside this block begin at idle priority (the scheduling policy is
-    inherited through fork), so a successor's start-up does not slow the serving process; the
-    calling thread is back to normal when the block ends.
-    """
-    if not canRestorePriority():
-        yield
-        return
-    try:
-        before = os.sched_getscheduler(0)
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
-        yield
-        return
-    try:
-        yield
-    finally:
-        os.sched_setscheduler(0, before, os.sched_param(0))
 
 
 def serverIdentityProblem(

@@ -66,6 +66,15 @@ class Options(usage.Options):
         "accepting, drains its connections and exits."
     )
 
+    optFlags = [
+        [
+            "no-fork-server",
+            None,
+            "Start every successor in full, not as a fork of a fork server that has imported "
+            "Twisted and graceful once.",
+        ],
+    ]
+
     optParameters = [
         ["control", "c", "graceful.sock", "Path of the control socket (mode 0600)."],
         [
@@ -384,6 +393,7 @@ def makeService(options: Options) -> service.IService:
         maxDraining=options["max-draining"],
         restartCommand=restartCommand(options.get("restart-command"), options["control"]),
         restartDirectory=os.getcwd(),
+        forkServer=not options["no-fork-server"],
         activated=options.get("activated") or [],
         metrics=options["metrics"],
         # 0: as many as the predecessor has (a takeover that names none).

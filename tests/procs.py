@@ -198,6 +198,7 @@ class Processes:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.servers: list[Server] = []
+        self._before = {pid for pid, _ in childProcesses(os.getpid())}
 
     def server(self, args: list[str], name: str | None = None) -> Server:
         server = Server(self.directory, args, name or f"server{len(self.servers) + 1}")
@@ -210,8 +211,92 @@ class Processes:
         return fake.start()
 
     def cleanup(self) -> None:
+        # The fork servers our servers started (graceful_plugin.forkserver), found while their
+        # servers still live (or handed to us, when the test process is a child subreaper):
+        # killed and reaped after them.
+        tracked = [s.pid for s in self.servers if getattr(s, "process", True) is not None]
+        forkServers = forkServersOf([*tracked, os.getpid()])
+        # The successors they forked, tracked or not (a test that failed early may not have
+        # tracked its successor).
+        forked = {child for pid in forkServers for child, _ in childProcesses(pid)}
         for server in self.servers:
             server.kill()
+        for pid in sorted(forked) + sorted(forkServers):
+            killAndReap(pid)
+        # Whatever exited during the test after being handed to us (a fork server that went
+        # away with its last generation): reaped, so that no zombie is left behind.
+        for pid, state in childProcesses(os.getpid()):
+            if state == "Z" and pid not in self._before:
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+
+
+def isForkServer(pid: int) -> bool:
+    """
+    Whether C{pid} runs graceful's fork server (and not a successor it forked).
+    """
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        with open(f"/proc/{pid}/comm") as f:
+            comm = f.read().strip()
+    except OSError:
+        return False
+    return b"graceful_plugin.forkserver" in argv and comm != "twistd"
+
+
+def parentOf(pid: int) -> int:
+    """
+    The parent pid of C{pid} (0 when it is gone).
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def forkServersOf(pids: list[int]) -> set[int]:
+    """
+    The fork servers among the children and parents of C{pids}.
+    """
+    found = set()
+    for pid in pids:
+        for child, _ in childProcesses(pid):
+            if isForkServer(child):
+                found.add(child)
+        parent = parentOf(pid)
+        if parent and isForkServer(parent):
+            found.add(parent)
+    return found
+
+
+def killAndReap(pid: int, timeout: float = 10.0) -> None:
+    """
+    SIGKILL C{pid}, and reap it if it is our child (else wait until it is gone), bounded.
+    """
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:
+            # Not our child: done once it is dead (its parent reaps it, or not: not ours to do).
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                        return
+            except OSError:
+                return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"pid {pid} still there {timeout} s after SIGKILL")
+        time.sleep(0.02)
 
 
 def ctl(directory: Path, *args: str, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:

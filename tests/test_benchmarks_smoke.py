@@ -185,3 +185,24 @@ def test_workersBenchmarkPrintsEveryCount(tmp_path: Path) -> None:
         assert len(run["fresh"]["spread"]) == run["workers"]
         spread = run["keepalive"]["spread"]
         assert not spread or abs(sum(spread) - 1) < 0.01
+
+
+@pytest.mark.slow
+def test_bump_measures_a_takeover(tmp_path):
+    """bump.py takes a graceful server over by SIGHUP under load and reports p99 near and away,
+    the rate after the takeover in 100 ms bins, and no failed request."""
+    _require_graceful()
+    out = tmp_path / "bump.json"
+    argv = [sys.executable, str(BENCHMARKS / "bump.py"), "--scenario", "graceful-hup"]
+    argv += ["--duration", "5", "--takeovers", "1", "--clients", "2", "--downloaders", "1"]
+    argv += ["--json", str(out)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "graceful-hup" in done.stdout and "p99 near" in done.stdout
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["requests"]["ok"] > 0 and run["requests"]["failed"] == 0
+    assert run["downloads"]["failed"] == 0
+    (takeover,) = run["takeovers"]
+    assert "failed" not in takeover and takeover["old_exited_s"] > 0
+    assert run["near_ms"]["p99"] is not None and run["away_ms"]["p99"] is not None
+    assert [b["t"] for b in run["rate_bins"]][:6] == [-0.5, -0.4, -0.3, -0.2, -0.1, 0.0]

@@ -12,7 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
+from twisted.logger import Logger, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -220,6 +222,94 @@ class RestarterTests(SynchronousTestCase):
         )
         self.server.settings.restartCommand = None
         self.assertRaises(RestartFailed, self.start)
+
+    def test_forkedThroughALauncher(self) -> None:
+        """
+        With a launcher, the successor is asked of it (the fresh flag passed on); the phases
+        begin with spawned once it answers with the process, and a second restart meanwhile is
+        busy.
+        """
+        launched: list[tuple[list[str], str | None, bool]] = []
+        answer: Deferred[Any] = Deferred()
+
+        class Launcher:
+            def launch(self, command: Any, cwd: Any, fresh: bool, fallback: Any) -> Any:
+                launched.append((list(command), cwd, fresh))
+                return answer
+
+            def start(self) -> None:
+                pass
+
+        self.restarter.launcher = Launcher()
+        d = self.restarter.start(
+            lambda phase, ms, detail: self.progress.append((phase, detail)), fresh=True
+        )
+        self.assertEqual(launched, [(["successor", "--takeover"], "/srv/app", True)])
+        self.assertEqual(self.progress, [])
+        error = self.assertRaises(HandoffBusy, self.start)
+        self.assertIn("already in progress (starting)", str(error))
+        answer.callback(FakeProcess(pid=4242))
+        self.assertEqual(self.progress[0][0], "spawned")
+        self.assertIn("pid 4242", self.progress[0][1])
+        self.restarter.handoffStarted(self.server, 4242)
+        self.restarter.handoffCommitted(self.server, 4242)
+        self.assertEqual(self.successResultOf(d)["pid"], 4242)
+
+    def test_helloBeforeTheForkAnswer(self) -> None:
+        """
+        A successor's hello that arrives before the launcher's answer with its pid still comes
+        after "spawned" in the phases.
+        """
+        answer: Deferred[Any] = Deferred()
+
+        class Launcher:
+            def launch(self, command: Any, cwd: Any, fresh: bool, fallback: Any) -> Any:
+                return answer
+
+        self.restarter.launcher = Launcher()
+        d = self.start()
+        self.restarter.handoffStarted(self.server, 4242)
+        self.assertEqual(self.progress, [])
+        answer.callback(FakeProcess(pid=4242))
+        self.restarter.handoffPaused(self.server, 4242)
+        self.restarter.handoffCommitted(self.server, 4242)
+        self.assertEqual(
+            [p for p, _ in self.progress], ["spawned", "hello", "committed", "accepting"]
+        )
+        self.assertEqual(self.successResultOf(d)["pid"], 4242)
+
+    def test_launcherFailureFailsTheRestart(self) -> None:
+        """
+        When the launcher's start fails (its full start could not run either), the restart
+        fails with the reason and nothing is left pending.
+        """
+
+        class Launcher:
+            def launch(self, command: Any, cwd: Any, fresh: bool, fallback: Any) -> Any:
+                return fail(FileNotFoundError(2, "No such file or directory"))
+
+        self.restarter.launcher = Launcher()
+        d = self.start()
+        self.assertEqual(
+            str(self.failureResultOf(d, RestartFailed).value),
+            "cannot start the successor 'successor': No such file or directory",
+        )
+        self.assertEqual(self.server.reactor.getDelayedCalls(), [])
+
+    def test_loggedCommandIsRedacted(self) -> None:
+        """
+        The command in the log and in the spawned phase has its secrets hidden; the command
+        started is the one configured, secrets and all.
+        """
+        events: list[dict[str, Any]] = []
+        self.restarter.log = Logger(observer=events.append)
+        self.server.settings.restartCommand = ["env", "API_TOKEN=abc", "app", "--password=pw"]
+        self.start()
+        self.assertEqual(self.spawned[0][0], ["env", "API_TOKEN=abc", "app", "--password=pw"])
+        text = "\n".join(formatEvent(e) for e in events) + self.progress[0][1]
+        self.assertNotIn("abc", text)
+        self.assertNotIn("pw", text.replace("--password", ""))
+        self.assertIn("env API_TOKEN=*** app --password=***", text)
 
     def test_parseRestartCommand(self) -> None:
         """

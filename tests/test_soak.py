@@ -91,8 +91,11 @@ def test_fiveHundredTakeoversStayFlatAndLeaveNothingBehind(procs: Processes, wor
     any temporary file.
     """
     port = freePort()
+    # (No fork server: the takeovers here come from the zygote, and a fork server that exits
+    # after gen1 would be an orphan of this process, not a leftover of the takeovers.)
     first = procs.server(
-        ["--port", f"tcp:{port}:interface=127.0.0.1", "--control", "c.sock"], "gen1"
+        ["--port", f"tcp:{port}:interface=127.0.0.1", "--control", "c.sock", "--no-fork-server"],
+        "gen1",
     ).start()
     first.waitServing()
     zygote = _Zygote(workdir)
