@@ -46,7 +46,9 @@ class _Handler(ClientHandler):
             "next": -1,
         }
 
-    def restart(self, protocol: Any, progress: bool) -> Deferred[dict[str, Any]]:
+    def restart(
+        self, protocol: Any, progress: bool, fresh: bool = False
+    ) -> Deferred[dict[str, Any]]:
         return self.restarting
 
 
