@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
@@ -243,6 +243,8 @@ class WorkerSupervisor(Observer, service.Service):
         self._spawn = spawn
         self._onSessions = sessionsChanged
         self.group: WorkerGroup | None = None
+        #: Groups that let go of the listeners and drain out (a standby resumed without them).
+        self._retired: list[WorkerGroup] = []
         self._stopped: Deferred[None] | None = None
         self._stopping = False
 
@@ -347,6 +349,23 @@ class WorkerSupervisor(Observer, service.Service):
             lambda f: self.log.warn("draining the workers: {reason}", reason=f.getErrorMessage())
         )
 
+    def resumed(self, server: Any, reason: str) -> None:
+        # We stood by for a successor that confirmed and is now lost: we serve again.  Our
+        # workers let go of the listeners and drain since the confirmation, so a new group takes
+        # their place (the old one drains out); the leader accepts alone meanwhile.
+        if self.group is None or self._stopping or self.count <= 1:
+            return
+        self._retired.append(self.group)
+        self.group = None
+        self.log.info("serving again: starting {count} workers", count=self.count - 1)
+        d = self.startWith(server.ports, server.generation)
+        d.addCallback(lambda _: self.resume())
+        d.addErrback(
+            lambda f: self.log.warn(
+                "serving again without workers: {reason}", reason=f.getErrorMessage()
+            )
+        )
+
     def describe(self) -> list[dict[str, Any]]:
         """
         One entry per worker besides the leader (see L{WorkerGroup.describe}).
@@ -358,21 +377,25 @@ class WorkerSupervisor(Observer, service.Service):
         """
         The live sessions of every worker but the leader.
         """
-        return self.group.sessions if self.group is not None else 0
+        current = self.group.sessions if self.group is not None else 0
+        return current + sum(group.sessions for group in self._retired)
 
     def abandon(self) -> Deferred[None]:
         """
         Stop every worker (a successor stepping back); fires when all have ended.
         """
-        if self.group is None:
+        groups = [group for group in [self.group, *self._retired] if group is not None]
+        if not groups:
             return succeed(None)
         if self._stopped is None:
-            self._stopped = self.group.stop()
+            self._stopped = DeferredList([group.stop() for group in groups]).addCallback(
+                lambda _: None
+            )
         return self._stopped
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
         self._stopping = True
-        if self.group is None:
+        if self.group is None and not self._retired:
             return None
         return self.abandon()

@@ -13,7 +13,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory
 
-from graceful_plugin.control import Abort, Accepting, Commit, NoHandoff
+from graceful_plugin.control import PROTOCOL_VERSION, Abort, Accepting, Commit, Hello, NoHandoff
 from graceful_plugin.server import GracefulServer
 from graceful_plugin.workerspawn import WorkerSupervisor
 from tests.test_control import ControlTestCase
@@ -149,6 +149,43 @@ class GroupCommitTests(GroupTestCase):
         for worker in self.workers:
             worker.ack("release")
         self.assertEqual([w.pending() for w in self.workers], [["drain"], ["drain"]])
+
+    def test_resumedStandbyStartsANewGroup(self) -> None:
+        """
+        A group standing by for a successor that confirmed and is then lost serves again with
+        all its processes: the leader resumes at once, a new group of workers is started on the
+        same listeners and told to accept once ready, and the old workers drain out (their
+        sessions still counted).
+        """
+        client, pump, results = self.committing_(standby=True)
+        for worker in self.workers:
+            worker.ack("pause")
+        pump.flush()
+        self.web.sessions.opened(object())
+        self.call(pump, client, Accepting)
+        for worker in self.workers:
+            worker.ack("release")
+        self.workers[0].report(2)
+        client.transport.loseConnection()  # type: ignore[union-attr]
+        pump.flush()
+        self.assertEqual(self.state(), "serving")
+        fresh = self.spawner.started[len(self.workers) :]
+        self.assertEqual(len(fresh), 2)
+        for worker in fresh:
+            worker.ready.callback(None)
+        self.assertEqual([w.pending() for w in fresh], [["resume"], ["resume"]])
+        self.assertEqual(self.server.liveSessions(), 1 + 2)
+        self.assertEqual([w.pending() for w in self.workers], [["drain"], ["drain"]])
+
+    def committing_(self, standby: bool) -> tuple[Any, Any, list[Any]]:
+        client, _, pump = self.connect()
+        self.call(pump, client, Hello, version=PROTOCOL_VERSION, pid=4242, standby=standby)
+        self.takeAll(pump, client)
+        d = client.callRemote(Commit)
+        results: list[Any] = []
+        d.addBoth(results.append)
+        pump.flush()
+        return client, pump, results
 
 
 class GroupSessionsTests(GroupTestCase):
