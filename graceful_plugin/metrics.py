@@ -179,8 +179,29 @@ class GenerationCollector:
             buckets=drain.cumulative(),
             sum_value=drain.total,
         )
-        # A place for the workers (graceful_workers, graceful_worker_restarts_total, their
-        # sessions) once a generation has any.
+        # Every process of the serving generation: the leader (worker 0) and its workers.
+        processes = g.workerEntries()
+        yield GaugeMetricFamily(
+            "graceful_workers",
+            "Processes serving in the serving generation, the leader included.",
+            value=len(processes),
+        )
+        restarts = CounterMetricFamily(
+            "graceful_worker_restarts",
+            "Workers of a generation replaced after they died while serving (one series a"
+            " generation: a successor starts its own).",
+            labels=["generation"],
+        )
+        restarts.add_metric([str(g.generation)], sum(p["restarts"] for p in processes))
+        yield restarts
+        perWorker = GaugeMetricFamily(
+            "graceful_worker_sessions",
+            "Open connections of each process of the serving generation (worker 0: the leader).",
+            labels=["worker"],
+        )
+        for process in processes:
+            perWorker.add_metric([str(process["index"])], process["sessions"])
+        yield perWorker
 
 
 def makeRegistry(generation: Any) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory
 
@@ -247,3 +248,44 @@ class DrainingGroupTests(GroupTestCase):
         draining = successor.status(link, 0)["draining"]
         self.assertEqual([len(e.get("workers", [])) for e in draining], [3, 0])
         self.assertEqual(draining[1], single)
+
+
+class GroupMetricsTests(GroupTestCase):
+    def setUp(self) -> None:
+        pytest.importorskip("prometheus_client")
+        super().setUp()
+
+    def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        from prometheus_client import generate_latest
+        from prometheus_client.parser import text_string_to_metric_families
+
+        from graceful_plugin.metrics import makeRegistry
+
+        text = generate_latest(makeRegistry(self.server)).decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    def test_workersInTheMetrics(self) -> None:
+        """
+        The metrics count the group's processes, each one's open connections (worker 0: the
+        leader) and the workers replaced after dying while serving, by generation.
+        """
+        self.web.sessions.opened(object())
+        self.workers[0].report(2)
+        self.workers[1].report(3)
+        samples = self.scrape()
+        self.assertEqual(samples[("graceful_workers", ())], 3)
+        self.assertEqual(
+            [samples[("graceful_worker_sessions", (("worker", str(i)),))] for i in range(3)],
+            [1, 2, 3],
+        )
+        self.assertEqual(samples[("graceful_worker_restarts_total", (("generation", "1"),))], 0)
+        self.workers[1].die()
+        self.reactor.advance(60)
+        replacement = self.spawner.started[-1]
+        self.assertNotIn(replacement, self.workers)
+        samples = self.scrape()
+        self.assertEqual(samples[("graceful_worker_restarts_total", (("generation", "1"),))], 1)
