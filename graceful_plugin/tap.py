@@ -13,6 +13,7 @@ from twisted.application import service
 from twisted.python import usage
 
 from graceful_plugin import pidfile
+from graceful_plugin.control import MAX_SECONDS
 from graceful_plugin.lifecycle import SystemdNotifications
 from graceful_plugin.listeners import ListenerSpec, parseListener
 from graceful_plugin.logfile import SharedLogService
@@ -30,6 +31,9 @@ def _positiveSeconds(name: str) -> Any:
             raise ValueError(f"--{name} takes a number of seconds, not {value!r}") from None
         if not seconds > 0:
             raise ValueError(f"--{name} must be more than 0 seconds")
+        if not seconds <= MAX_SECONDS:
+            # (inf included: a deadline that never comes is no deadline.)
+            raise ValueError(f"--{name} must be at most {MAX_SECONDS:g} seconds (a year)")
         return seconds
 
     coerce.coerceDoc = "Seconds."  # type: ignore[attr-defined]

@@ -84,6 +84,9 @@ def test_timeouts() -> None:
         (["--port", "1", "--drain-timeout", "soon"], "--drain-timeout takes a number of seconds"),
         (["--port", "1", "--handoff-timeout", "0"], "--handoff-timeout must be more than 0"),
         (["--port", "1", "--confirm-timeout", "-1"], "--confirm-timeout must be more than 0"),
+        (["--port", "1", "--drain-timeout", "inf"], "--drain-timeout must be at most"),
+        (["--port", "1", "--handoff-timeout", "nan"], "--handoff-timeout must be more than 0"),
+        (["--port", "1", "--drain-timeout", "1e9"], "--drain-timeout must be at most"),
     ],
 )
 def test_badOptionsRefusedWithASentence(args: list[str], words: str) -> None:
