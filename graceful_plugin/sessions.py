@@ -41,10 +41,14 @@ class IInFlight(Interface):
         """
 
 
-def _inFlightOf(protocol: Any) -> IInFlight | None:
+def _provider(protocol: Any, interface: Any) -> Any:
+    """
+    The provider of C{interface} behind C{protocol}, looking through wrapping protocols (TLS,
+    policies), or L{None}.
+    """
     seen = 0
     while protocol is not None and seen < 8:
-        found = IInFlight(protocol, None)
+        found = interface(protocol, None)
         if found is not None:
             return found
         protocol = getattr(protocol, "wrappedProtocol", None)
@@ -52,18 +56,15 @@ def _inFlightOf(protocol: Any) -> IInFlight | None:
     return None
 
 
+def _inFlightOf(protocol: Any) -> IInFlight | None:
+    return _provider(protocol, IInFlight)
+
+
 def drainableOf(protocol: Any) -> IDrainable | None:
     """
     The L{IDrainable} behind C{protocol}, looking through wrapping protocols (TLS, policies).
     """
-    seen = 0
-    while protocol is not None and seen < 8:
-        drainable = IDrainable(protocol, None)
-        if drainable is not None:
-            return drainable
-        protocol = getattr(protocol, "wrappedProtocol", None)
-        seen += 1
-    return None
+    return _provider(protocol, IDrainable)
 
 
 class SessionTracker:
