@@ -34,6 +34,10 @@ def _subreaper() -> None:
     becomeSubreaper()
 
 
+#: The checkout, for the test applications (tests.apps) that twistd imports.
+_ROOT = Path(__file__).resolve().parent.parent
+
+
 def _args(port: int, workers: str) -> list[str]:
     return [
         "--port",
@@ -300,14 +304,14 @@ def test_newWorkerKilledDuringTheHandoffRollsBackEverything(
     (workdir / "ready1").write_text("")
     app = ["--resource", "tests.apps.slow_ready.slowDemo"]
     first = procs.server([*_args(port, "2"), *app], "gen1").start(
-        {"GRACEFUL_TEST_READY_FILE": str(workdir / "ready1")}
+        {"GRACEFUL_TEST_READY_FILE": str(workdir / "ready1"), "PYTHONPATH": str(_ROOT)}
     )
     first.waitFor(r"1 workers accepting")
     old = _workerPids(procs, first.pid)
     load = Load(port, clients=8, size=1024, downloaders=2, downloadSize=2 * 1024 * 1024).start()
     try:
         second = procs.server(["--takeover", "c.sock", "--workers", "3", *app], "gen2").start(
-            {"GRACEFUL_TEST_READY_FILE": str(workdir / "ready2")}
+            {"GRACEFUL_TEST_READY_FILE": str(workdir / "ready2"), "PYTHONPATH": str(_ROOT)}
         )
         # The leader and both its workers warm up, waiting for ready2.
         second.waitFor(r"(?s)(warming up until .*){3}", 60)
