@@ -10,6 +10,7 @@ where a metrics listener is served (the C{metrics} extra).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -70,15 +71,7 @@ def parseMetrics(text: str) -> ListenerSpec:
             f"{text!r}: the metrics are served over tcp, tcp6 or unix, not {spec.kind}"
         )
     if spec.name == f"{spec.kind}:{spec.address}":
-        spec = ListenerSpec(
-            name="metrics",
-            kind=spec.kind,
-            host=spec.host,
-            port=spec.port,
-            path=spec.path,
-            mode=spec.mode,
-            backlog=spec.backlog,
-        )
+        spec = dataclasses.replace(spec, name="metrics")
     return spec
 
 
