@@ -251,7 +251,11 @@ def watch(path: str, args: argparse.Namespace) -> int:
         # Each look is bounded by STATUS_TIMEOUT and by what is left of the timeout, but gets
         # at least LAST_LOOK (the look that follows the deadline decides too).
         left = overall.remaining()
-        status = fetchStatus(path, Deadline(min(STATUS_TIMEOUT, max(left, LAST_LOOK))))
+        look = Deadline(min(STATUS_TIMEOUT, max(left, LAST_LOOK)))
+        if left < STATUS_TIMEOUT:
+            # Bound by the user's --timeout: a timeout's message names that, not what was left.
+            look.seconds = overall.seconds
+        status = fetchStatus(path, look)
         key = (
             status["pid"],
             status["state"],
