@@ -113,74 +113,86 @@ def test_figuresAfterKnownTraffic(procs: Processes, workdir: Path) -> None:
     }
 
 
-class _Scraper:
+class _Loop:
     """
-    Scrapes every 50 ms in a thread, recording every failure and every sample it needs.
+    One thing done over and over in a thread until stopped, every failure recorded.
     """
+
+    interval = 0.0
 
     def __init__(self, port: int) -> None:
         self.port = port
         self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def once(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.once()
+            except Exception as e:
+                self.failures.append(repr(e))
+
+    def start(self) -> _Loop:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        assert not self._thread.is_alive()
+
+
+class _Scraper(_Loop):
+    """
+    Scrapes every 50 ms, recording the samples it needs.
+    """
+
+    interval = 0.05
+
+    def __init__(self, port: int) -> None:
+        super().__init__(port)
         self.seen: list[tuple[float, float, float]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            try:
-                samples = scrape(self.port)
-                self.seen.append(
-                    (
-                        value(samples, "graceful_connections_total", listener="web"),
-                        value(samples, "graceful_handoffs_total", outcome="committed"),
-                        value(samples, "graceful_generation"),
-                    )
-                )
-            except Exception as e:
-                self.failures.append(repr(e))
+    def once(self) -> None:
+        samples = scrape(self.port)
+        self.seen.append(
+            (
+                value(samples, "graceful_connections_total", listener="web"),
+                value(samples, "graceful_handoffs_total", outcome="committed"),
+                value(samples, "graceful_generation"),
+            )
+        )
 
-    def start(self) -> _Scraper:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(30)
-        assert not self._thread.is_alive()
+    def waitForScrapes(self, generation: int, count: int, timeout: float = 20.0) -> None:
+        """
+        Wait until C{count} scrapes were answered by C{generation} (bounded).
+        """
+        deadline = time.monotonic() + timeout
+        while sum(1 for seen in self.seen if seen[2] == generation) < count:
+            assert time.monotonic() < deadline, f"fewer than {count} scrapes of {generation}"
+            time.sleep(0.05)
 
 
-class _Requests:
+class _Requests(_Loop):
     """
-    Requests one after the other in a thread; counts the answers.
+    Requests one after the other (5 ms apart); counts the answers.
     """
+
+    interval = 0.005
 
     def __init__(self, port: int) -> None:
-        self.port = port
+        super().__init__(port)
         self.ok = 0
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                assert httpGet("127.0.0.1", self.port, "/bytes/100")[0] == 200
-                self.ok += 1
-            except Exception as e:
-                self.failures.append(repr(e))
-            time.sleep(0.005)
-
-    def start(self) -> _Requests:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(30)
-        assert not self._thread.is_alive()
+    def once(self) -> None:
+        assert httpGet("127.0.0.1", self.port, "/bytes/100")[0] == 200
+        self.ok += 1
 
 
-@pytest.mark.slow
 def test_countersNeverDecreaseAcrossTakeoversAndARollback(procs: Processes, workdir: Path) -> None:
     """
     Scraped every 50 ms through five takeovers (successors without --metrics of their own) and
@@ -191,8 +203,10 @@ def test_countersNeverDecreaseAcrossTakeoversAndARollback(procs: Processes, work
     port, metrics = freePort(), freePort()
     current = procs.server(_args(port, metrics, "--confirm-timeout", "1"), "gen1").start()
     current.waitServing()
-    scraper = _Scraper(metrics).start()
-    requests = _Requests(port).start()
+    scraper = _Scraper(metrics)
+    scraper.start()
+    requests = _Requests(port)
+    requests.start()
     try:
         for n in range(2, 7):
             successor = procs.server(
@@ -208,7 +222,7 @@ def test_countersNeverDecreaseAcrossTakeoversAndARollback(procs: Processes, work
                 current.waitFor(r"handoff to pid %d rolled back" % stopped.pid)
                 stopped.signal(signal.SIGCONT)
                 assert stopped.wait(30) == 1
-        time.sleep(0.2)  # a few scrapes of the last generation
+        scraper.waitForScrapes(generation=6, count=3)
     finally:
         requests.stop()
         scraper.stop()
