@@ -266,13 +266,7 @@ class GracefulServer(service.Service):
                 from graceful_plugin.metrics import bindMetrics
 
                 ports.append(bindMetrics(self))
-            self.controlPort = self._bindAndAdopt(
-                ListenerSpec(
-                    name="control", kind="unix", path=self.settings.controlPath, mode=0o600
-                ),
-                self._controlFactory(),
-                kind=CONTROL_KIND,
-            )
+            self.controlPort = self._bindControl()
         except OSError:
             closeActivated(activated)
             for port in ports:
@@ -536,16 +530,20 @@ class GracefulServer(service.Service):
         self._tell("resumed", reason)
 
     def _rebindControl(self) -> Port:
-        from graceful_plugin.listeners import _removeStaleSocket
+        # (bindListener replaces a stale socket file, and refuses a live one.)
+        port = self._bindControl()
+        port.sessions.observe(self._sessionsChanged)
+        return port
 
-        _removeStaleSocket(self.settings.controlPath)
-        port = self._bindAndAdopt(
+    def _bindControl(self) -> Port:
+        """
+        Bind our control socket at its path (mode 0600), not accepting yet.
+        """
+        return self._bindAndAdopt(
             ListenerSpec(name="control", kind="unix", path=self.settings.controlPath, mode=0o600),
             self._controlFactory(),
             kind=CONTROL_KIND,
         )
-        port.sessions.observe(self._sessionsChanged)
-        return port
 
     def closeListeners(self) -> None:
         # Only a stop closes listeners for good (a handoff releases them).
