@@ -74,6 +74,7 @@ class Sampler:
         self.root = os.getpid()
         self.tracked: dict[int, str] = {}  # pid -> "server" | "forkserver" | "forked"
         self.seen: set[int] = set()
+        self.pending: dict[int, float] = {}
         #: (t, pid, cpu ns, minflt, majflt)
         self.samples: list[tuple[float, int, int, int, int]] = []
         #: (t, machine busy ticks)
@@ -88,35 +89,40 @@ class Sampler:
         self._stop.set()
         self._thread.join(5)
 
-    def _discover(self) -> None:
+    def _discover(self, now: float) -> None:
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
             pid = int(entry)
             if pid in self.seen:
                 continue
-            self.seen.add(pid)
+            first = self.pending.setdefault(pid, now)
             st = _stat(pid)
-            if st is None:
+            if st is None or now - first > 0.5:
+                # Gone, or classified for good (a load client or another process if untracked).
+                self.seen.add(pid)
                 continue
             ppid = st[0]
-            if ppid == self.root or ppid in self.tracked:
-                command = _cmdline(pid)
-                if "graceful_plugin.forkserver" in command and ppid not in self.tracked:
-                    self.tracked[pid] = "forkserver"
-                elif self.tracked.get(ppid) == "forkserver":
-                    self.tracked[pid] = "forked"
-                elif "graceful_plugin.forkserver" in command:
-                    self.tracked[pid] = "forkserver"
-                elif "twistd" in command:
-                    self.tracked[pid] = "server"
+            if ppid != self.root and ppid not in self.tracked:
+                self.seen.add(pid)
+                continue
+            # Between fork and exec a child still shows its parent's command: look again in the
+            # next passes (for 0.5 s), unless its parent is the fork server, whose children
+            # never exec.
+            command = _cmdline(pid)
+            if self.tracked.get(ppid) == "forkserver":
+                self.tracked[pid] = "forked"
+            elif "graceful_plugin.forkserver" in command:
+                self.tracked[pid] = "forkserver"
+            elif "twistd" in command:
+                self.tracked[pid] = "server"
 
     def _run(self) -> None:
         discovered = 0.0
         while not self._stop.is_set():
             now = time.monotonic()
             if now - discovered > 0.02:
-                self._discover()
+                self._discover(now)
                 discovered = now
             for pid in list(self.tracked):
                 st = _stat(pid)
