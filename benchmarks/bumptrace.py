@@ -39,8 +39,8 @@ STEPS = (
 )
 
 
-def _stat(pid: int) -> tuple[int, int, int, int] | None:
-    """(ppid, cpu ns, minflt, majflt) of ``pid``, or None once it has gone."""
+def _stat(pid: int) -> tuple[int, int, int, int, int] | None:
+    """(ppid, cpu ns, minflt, majflt, scheduling policy) of ``pid``, or None once gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
@@ -48,7 +48,7 @@ def _stat(pid: int) -> tuple[int, int, int, int] | None:
             ns = int(f.read().split()[0])
     except (OSError, IndexError, ValueError):
         return None
-    return int(fields[1]), ns, int(fields[7]), int(fields[9])
+    return int(fields[1]), ns, int(fields[7]), int(fields[9]), int(fields[38])
 
 
 def _cmdline(pid: int) -> str:
@@ -75,8 +75,8 @@ class Sampler:
         self.tracked: dict[int, str] = {}  # pid -> "server" | "forkserver" | "forked"
         self.seen: set[int] = set()
         self.pending: dict[int, float] = {}
-        #: (t, pid, cpu ns, minflt, majflt)
-        self.samples: list[tuple[float, int, int, int, int]] = []
+        #: (t, pid, cpu ns, minflt, majflt, policy)
+        self.samples: list[tuple[float, int, int, int, int, int]] = []
         #: (t, machine busy ticks)
         self.machine: list[tuple[float, int]] = []
         self._stop = threading.Event()
@@ -127,7 +127,7 @@ class Sampler:
             for pid in list(self.tracked):
                 st = _stat(pid)
                 if st is not None:
-                    self.samples.append((now, pid, st[1], st[2], st[3]))
+                    self.samples.append((now, pid, st[1], st[2], st[3], st[4]))
             self.machine.append((now, _busy()))
             self._stop.wait(self.interval)
 
@@ -154,8 +154,10 @@ def _first(lines, pid: int, piece: str, after: float, before: float) -> float | 
     return None
 
 
-def _series(samples, pid: int) -> list[tuple[float, int, int, int]]:
-    return [(t, ns, minflt, majflt) for t, p, ns, minflt, majflt in samples if p == pid]
+def _series(samples, pid: int) -> list[tuple[float, int, int, int, int]]:
+    return [
+        (t, ns, minflt, majflt, policy) for t, p, ns, minflt, majflt, policy in samples if p == pid
+    ]
 
 
 def _at(series, t: float, index: int) -> float | None:
@@ -233,6 +235,14 @@ def timeline(
                 flt = _at(new_series, start + found[name], 2)
                 if value is not None:
                     cpu_at[name] = (round(value / 1e6, 1), flt)
+        # CPU used at normal priority before the start-up went idle (SCHED_IDLE is policy 5),
+        # and by the time it was back to normal (for the handoff).
+        idle = [row for row in new_series if row[4] == 5]
+        if idle:
+            cpu_at["idle-from"] = (round(idle[0][1] / 1e6, 1), idle[0][2])
+            after_idle = [row for row in new_series if row[0] > idle[-1][0]]
+            if after_idle:
+                cpu_at["idle-until"] = (round(after_idle[0][1] / 1e6, 1), after_idle[0][2])
         if "serving" in found:
             t = start + found["serving"]
             first = _at(new_series, t, 1)
