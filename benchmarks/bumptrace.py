@@ -249,6 +249,14 @@ def timeline(
             later = _at(new_series, t + 0.2, 1)
             if first is not None and later is not None:
                 cpu_at["serving+200ms"] = (round((later - first) / 1e6, 1), None)
+            flt0 = _at(new_series, t, 2)
+            flt1 = _at(new_series, t + 0.5, 2)
+            if flt0 is not None and flt1 is not None:
+                faults_after = flt1 - flt0
+            else:
+                faults_after = None
+        else:
+            faults_after = None
         gap = None
         if "paused" in found and "serving" in found:
             gap = round((found["serving"] - found["paused"]) * 1000, 1)
@@ -257,6 +265,7 @@ def timeline(
                 "steps_ms": {k: round(v * 1000, 1) for k, v in found.items()},
                 "new_cpu": cpu_at,
                 "pause_gap_ms": gap,
+                "faults_500ms_after_serving": faults_after,
             }
         )
     count = max(1, len(used))
@@ -340,6 +349,16 @@ def format_timeline(name: str, tl: dict) -> str:
         out.append(
             f"pause gap (old paused -> new serving), ms: median {statistics.median(gaps):.1f},"
             f" each {', '.join(f'{g:.1f}' for g in gaps)}"
+        )
+    after = [
+        p["faults_500ms_after_serving"]
+        for p in tl["per_takeover"]
+        if p.get("faults_500ms_after_serving") is not None
+    ]
+    if after:
+        out.append(
+            "new generation's minor faults in the 500 ms after it started accepting: median"
+            f" {statistics.median(after):.0f}"
         )
     cpus: dict[str, list[float]] = {}
     flts: dict[str, list[int]] = {}
