@@ -348,3 +348,17 @@ def test_applicationWithoutWebSocketsDoesNotImportAutobahn(tmp_path: Path) -> No
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
     )
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_firstGenerationFreezesWhatItsStartUpLeft(procs: Processes, workdir: Path) -> None:
+    """
+    A first generation collects and freezes the objects its start-up left (the application
+    included) before it serves, as a successor does: later collections do not walk them, nor
+    does the interpreter's teardown when it exits after a takeover (measured: 55 ms of CPU
+    more at the first takeover without).
+    """
+    port = freePort()
+    first = procs.server([*_listen(port), "--resource", "tests.apps.gc_probe.makeRoot"], "gen1")
+    first.start(ENV).waitServing()
+    code, body = httpGet("127.0.0.1", port, "/")
+    assert code == 200 and int(body) > 10000, body
