@@ -559,6 +559,37 @@ def run_scenario(name: str, args) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def idle_cost(name: str, args) -> list[dict[str, float]]:
+    """``--idle-takeovers`` takeovers of a graceful server without load: each one's CPU by
+    process (``bumptrace.takeover_cpu``), from its start to 0.5 s after the predecessor exited."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"bump-idle-{name}-"))
+    os.chmod(tmp, 0o755)
+    files = tmp / "files"
+    (files / "bytes").mkdir(parents=True)
+    (files / "bytes" / str(SMALL)).write_bytes(b"x" * SMALL)
+    server = Graceful(name, tmp, files, loadtest.free_port(), args)
+    sampler = bumptrace.Sampler(args.sample_ms / 1000.0)
+    sampler.start()
+    costs = []
+    try:
+        server.start()
+        time.sleep(0.5)
+        for _ in range(args.idle_takeovers):
+            event = server.takeover()
+            server.settle(event, event["start"] + 30)
+            if "failed" in event or "old_exited_s" not in event:
+                raise loadtest.ServerDied(f"{name}: a takeover failed: {event.get('failed')}")
+            time.sleep(0.5)
+            costs.append(
+                bumptrace.takeover_cpu(sampler, event, event["start"] + event["old_exited_s"] + 0.5)
+            )
+        return costs
+    finally:
+        sampler.stop()
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def fmt(value, digits: int = 1) -> str:
     if value is None:
         return "-"
@@ -673,6 +704,13 @@ def parse_args(argv):
     )
     add("--bin-ms", type=float, default=20.0, help="--timeline's bin width")
     add("--sample-ms", type=float, default=5.0, help="--timeline's sampling interval")
+    add(
+        "--idle-takeovers",
+        type=int,
+        metavar="N",
+        help="instead of the load: N takeovers of each graceful scenario without load, and the"
+        " CPU each process used in each (robust to other work on the machine)",
+    )
     add("--plot", type=Path, help="a PNG (needs matplotlib: the bench extra)")
     args = parser.parse_args(argv)
     if args.takeovers < 1 or args.duration / (args.takeovers + 1) < 1.0:
@@ -685,6 +723,29 @@ def parse_args(argv):
     return args
 
 
+def idle_main(args) -> int:
+    rows = []
+    try:
+        for name in args.scenario or SCENARIOS:
+            if not name.startswith("graceful"):
+                continue
+            print(f"{name}: {args.idle_takeovers} takeovers without load", file=sys.stderr)
+            try:
+                rows.append((name, idle_cost(name, args)))
+            except (loadtest.ServerDied, RuntimeError, OSError) as exc:
+                print(f"{name}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted: every process stopped", file=sys.stderr)
+        return 130
+    finally:
+        stop_descendants()
+    print(bumptrace.format_takeover_cpu(rows))
+    if args.json is not None:
+        document = {"machine": loadtest.machine(), "config": vars(args), "idle": rows}
+        args.json.write_text(json.dumps(document, indent=1, default=str) + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.timeline:
@@ -694,6 +755,8 @@ def main(argv=None) -> int:
     become_subreaper()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, loadtest.raise_on_signal(KeyboardInterrupt()))
+    if args.idle_takeovers:
+        return idle_main(args)
     runs: list[dict] = []
     broken: list[str] = []
     try:

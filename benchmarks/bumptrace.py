@@ -116,6 +116,8 @@ class Sampler:
                 self.tracked[pid] = "forkserver"
             elif "twistd" in command:
                 self.tracked[pid] = "server"
+            elif "graceful-ctl" in command:
+                self.tracked[pid] = "ctl"
 
     def _run(self) -> None:
         discovered = 0.0
@@ -376,4 +378,56 @@ def format_timeline(name: str, tl: dict) -> str:
                 for k, v in cpus.items()
             )
         )
+    return "\n".join(out)
+
+
+def takeover_cpu(sampler: Sampler, event: dict, until: float) -> dict[str, float]:
+    """
+    CPU (ms) each graceful process used from just before a takeover's start to ``until``:
+    ``old``, ``new``, ``forkserver``, ``ctl`` (a ``graceful-ctl`` call), and their ``total``.
+    """
+    t0 = event["start"] - 0.005
+    used: dict[str, float] = {}
+    for pid, role in list(sampler.tracked.items()):
+        series = [(t, ns) for t, p, ns, *_ in sampler.samples if p == pid]
+        if not series or series[-1][0] < t0:
+            continue
+        before = [ns for t, ns in series if t <= t0]
+        after = [ns for t, ns in series if t <= until]
+        if not after:
+            continue
+        spent = (after[-1] - (before[-1] if before else 0)) / 1e6
+        if spent <= 0:
+            continue
+        name = {event["old_pid"]: "old", event.get("new_pid"): "new"}.get(pid, role)
+        if name == "server" or name == "forked":
+            continue  # an older generation still draining, or a successor that failed
+        used[name] = round(used.get(name, 0.0) + spent, 1)
+    used["total"] = round(sum(used.values()), 1)
+    return used
+
+
+def format_takeover_cpu(rows: list[tuple[str, list[dict[str, float]]]]) -> str:
+    """The median CPU per takeover of each scenario, by process."""
+    roles = ["old", "new", "forkserver", "ctl", "total"]
+    cells = [["scenario", "takeovers", *(f"{r} ms" for r in roles)]]
+    for name, takeovers in rows:
+        line = [name, str(len(takeovers))]
+        for role in roles:
+            values = [t.get(role, 0.0) for t in takeovers]
+            line.append(f"{statistics.median(values):.1f}" if values else "-")
+        cells.append(line)
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    out = [
+        "  ".join(
+            c.rjust(w) if i else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in cells
+    ]
+    out.append(
+        "CPU per takeover without load (median): old = the predecessor from the takeover's start"
+        " to its exit (handoff, drain, exit), new = the successor from its start to 0.5 s after"
+        " its predecessor exited, forkserver, ctl = the graceful-ctl call; sampled in /proc"
+    )
     return "\n".join(out)

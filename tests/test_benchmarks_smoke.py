@@ -230,3 +230,20 @@ def test_bump_timeline_places_each_handoff_step(tmp_path):
     assert 0 <= takeover["pause_gap_ms"] < 1000
     assert takeover["new_cpu"]["serving"][0] > 0
     assert sum(row["new_cpu_ms"] for row in timeline["rows"]) > 0
+
+
+@pytest.mark.slow
+def test_bump_idle_takeovers_count_each_process_cpu(tmp_path):
+    """bump.py --idle-takeovers takes a graceful server over without load and reports the CPU
+    the predecessor, the forked successor and the fork server used in each takeover."""
+    _require_graceful()
+    out = tmp_path / "idle.json"
+    argv = [sys.executable, str(BENCHMARKS / "bump.py"), "--scenario", "graceful-hup"]
+    argv += ["--idle-takeovers", "1", "--json", str(out)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "CPU per takeover without load" in done.stdout
+    ((name, (takeover,)),) = json.loads(out.read_text())["idle"]
+    assert name == "graceful-hup"
+    assert takeover["old"] > 0 and takeover["new"] > 0 and takeover["forkserver"] > 0
+    assert takeover["total"] >= takeover["old"] + takeover["new"]
