@@ -1,6 +1,6 @@
 """
-WebSockets (autobahn|Twisted, when it is importable): a draining generation closes its open
-WebSocket connections with 1001 "going away", the code RFC 6455 gives a server going down, and
+WebSockets (autobahn|Twisted, when the application uses it): a draining generation closes its
+open WebSocket connections with 1001 "going away", the code RFC 6455 gives a server going down, and
 waits for the closing handshake, so that clients reconnect at once, to the new generation.
 
 Nothing here imports autobahn: graceful does not depend on it, and an application that serves
