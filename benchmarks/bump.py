@@ -51,6 +51,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import bumptrace  # noqa: E402  (--timeline: where the bump comes from)
 import loadtest  # noqa: E402  (the load generator: its clients and process handling)
 
 HOST = loadtest.HOST
@@ -212,7 +213,10 @@ class Graceful(Server):
         self.how = self.name.split("-")[1]
 
     def command(self, *extra: str) -> list[str]:
-        argv = [str(BIN / "twistd"), "-n", "--pidfile", str(self.pidfile), "graceful"]
+        argv = [str(BIN / "twistd")]
+        if self.args.timeline:
+            argv += ["--logger", "tracelog.observer"]
+        argv += ["-n", "--pidfile", str(self.pidfile), "graceful"]
         argv += ["--path", str(self.files), "--control", str(self.control)]
         argv += ["--drain-timeout", "30"] + ([] if self.fork else ["--no-fork-server"])
         return argv + list(extra)
@@ -249,6 +253,7 @@ class Graceful(Server):
                 # then is what its start-up and handoff cost.
                 event["serving_s"] = time.monotonic() - event["start"]
                 event["successor_cpu_ms"] = cpu_ms(new)
+                event["new_pid"] = new
             if not alive(old):
                 event["old_exited_s"] = time.monotonic() - event["start"]
                 return
@@ -494,6 +499,10 @@ def run_scenario(name: str, args) -> dict:
     kind = Graceful if name.startswith("graceful") else KINDS[name]
     server = kind(name, tmp, files, port, args)
     workers = loadtest.Workers(tmp)
+    sampler = None
+    if args.timeline and kind is Graceful:
+        sampler = bumptrace.Sampler(args.sample_ms / 1000.0)
+        sampler.start()
     try:
         server.start()
         origin = time.monotonic()
@@ -522,6 +531,16 @@ def run_scenario(name: str, args) -> dict:
         for result in results:
             records[result["kind"]] += [tuple(r) for r in result["records"]]
         numbers = analyse(records, events, origin, stop_at, args)
+        if sampler is not None:
+            sampler.stop()
+            numbers["timeline"] = bumptrace.timeline(
+                records,
+                events,
+                sampler,
+                bumptrace.read_trace_logs(tmp),
+                numbers["away_rate_per_s"],
+                bin_ms=args.bin_ms,
+            )
         numbers.update(
             scenario=name,
             takeovers=[
@@ -533,7 +552,40 @@ def run_scenario(name: str, args) -> dict:
             event["start"] = round(event["start"] - origin, 4)
         return numbers
     finally:
+        if sampler is not None:
+            sampler.stop()
         workers.kill()
+        server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def idle_cost(name: str, args) -> list[dict[str, float]]:
+    """``--idle-takeovers`` takeovers of a graceful server without load: each one's CPU by
+    process (``bumptrace.takeover_cpu``), from its start to 0.5 s after the predecessor exited."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"bump-idle-{name}-"))
+    os.chmod(tmp, 0o755)
+    files = tmp / "files"
+    (files / "bytes").mkdir(parents=True)
+    (files / "bytes" / str(SMALL)).write_bytes(b"x" * SMALL)
+    server = Graceful(name, tmp, files, loadtest.free_port(), args)
+    sampler = bumptrace.Sampler(args.sample_ms / 1000.0)
+    sampler.start()
+    costs = []
+    try:
+        server.start()
+        time.sleep(0.5)
+        for _ in range(args.idle_takeovers):
+            event = server.takeover()
+            server.settle(event, event["start"] + 30)
+            if "failed" in event or "old_exited_s" not in event:
+                raise loadtest.ServerDied(f"{name}: a takeover failed: {event.get('failed')}")
+            time.sleep(0.5)
+            costs.append(
+                bumptrace.takeover_cpu(sampler, event, event["start"] + event["old_exited_s"] + 0.5)
+            )
+        return costs
+    finally:
+        sampler.stop()
         server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -645,6 +697,20 @@ def parse_args(argv):
     add("--away-after", type=float, default=2.0, help="seconds after a start that are not away")
     add("--keep-logs", type=Path, help="copy every server's log into this directory")
     add("--json", type=Path)
+    add(
+        "--timeline",
+        action="store_true",
+        help="graceful scenarios: sample the server processes and print where the bump comes from",
+    )
+    add("--bin-ms", type=float, default=20.0, help="--timeline's bin width")
+    add("--sample-ms", type=float, default=5.0, help="--timeline's sampling interval")
+    add(
+        "--idle-takeovers",
+        type=int,
+        metavar="N",
+        help="instead of the load: N takeovers of each graceful scenario without load, and the"
+        " CPU each process used in each (robust to other work on the machine)",
+    )
     add("--plot", type=Path, help="a PNG (needs matplotlib: the bench extra)")
     args = parser.parse_args(argv)
     if args.takeovers < 1 or args.duration / (args.takeovers + 1) < 1.0:
@@ -657,11 +723,40 @@ def parse_args(argv):
     return args
 
 
+def idle_main(args) -> int:
+    rows = []
+    try:
+        for name in args.scenario or SCENARIOS:
+            if not name.startswith("graceful"):
+                continue
+            print(f"{name}: {args.idle_takeovers} takeovers without load", file=sys.stderr)
+            try:
+                rows.append((name, idle_cost(name, args)))
+            except (loadtest.ServerDied, RuntimeError, OSError) as exc:
+                print(f"{name}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted: every process stopped", file=sys.stderr)
+        return 130
+    finally:
+        stop_descendants()
+    print(bumptrace.format_takeover_cpu(rows))
+    if args.json is not None:
+        document = {"machine": loadtest.machine(), "config": vars(args), "idle": rows}
+        args.json.write_text(json.dumps(document, indent=1, default=str) + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.timeline:
+        # The servers log through benchmarks/tracelog.py (monotonic time and pid per line).
+        path = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = str(HERE) + (os.pathsep + path if path else "")
     become_subreaper()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, loadtest.raise_on_signal(KeyboardInterrupt()))
+    if args.idle_takeovers:
+        return idle_main(args)
     runs: list[dict] = []
     broken: list[str] = []
     try:
@@ -691,6 +786,10 @@ def main(argv=None) -> int:
     finally:
         stop_descendants()
     print(table(runs))
+    for run in runs:
+        if "timeline" in run:
+            print()
+            print(bumptrace.format_timeline(run["scenario"], run["timeline"]))
     if args.json is not None:
         document = {"machine": loadtest.machine(), "config": vars(args), "runs": runs}
         args.json.write_text(json.dumps(document, indent=1, default=str) + "\n")

@@ -79,10 +79,18 @@ class Application:
         The protocol factory that serves this application: a site draining politely for the web
         kinds, the factory itself for ``factory``.
         """
-        from graceful_plugin.web import drainableSite
         from graceful_plugin.websocket import registerDrainAdapters
 
-        registerDrainAdapters()
+        try:
+            return self._factory(reactor)
+        finally:
+            # After the application built its factory: if it serves WebSockets with autobahn,
+            # it has imported autobahn by now.
+            registerDrainAdapters()
+
+    def _factory(self, reactor: Any) -> Any:
+        from graceful_plugin.web import drainableSite
+
         if self.kind == "factory":
             if isDatagramProtocol(self.obj):
                 return self.obj

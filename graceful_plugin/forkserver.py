@@ -85,6 +85,9 @@ PRELOAD = (
     "graceful_plugin.apps",
     "graceful_plugin.jsonlog",
     "graceful_plugin.lifecycle",
+    "graceful_plugin.websocket",
+    "graceful_plugin.workerspawn",
+    "pkgutil",
 )
 
 #: Imported when they can be (an optional dependency may be missing).

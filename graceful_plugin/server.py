@@ -5,6 +5,7 @@ that either starts serving from scratch or takes over from a running predecessor
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -224,6 +225,12 @@ class GracefulServer(service.Service):
 
     def _startFromScratch(self) -> None:
         from graceful_plugin.lifecycle import closeActivated, planActivation
+
+        # As a successor does (takeover.py): what start-up left behind is collected once and kept
+        # out of later collections, which otherwise walk it all, and of the interpreter's
+        # teardown at exit (55 ms of CPU at the first takeover without).
+        gc.collect()
+        gc.freeze()
 
         ports: list[Port] = []
         specs = list(self.settings.listeners)

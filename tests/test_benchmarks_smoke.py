@@ -206,3 +206,44 @@ def test_bump_measures_a_takeover(tmp_path):
     assert "failed" not in takeover and takeover["old_exited_s"] > 0
     assert run["near_ms"]["p99"] is not None and run["away_ms"]["p99"] is not None
     assert [b["t"] for b in run["rate_bins"]][:6] == [-0.5, -0.4, -0.3, -0.2, -0.1, 0.0]
+
+
+@pytest.mark.slow
+def test_bump_timeline_places_each_handoff_step(tmp_path):
+    """bump.py --timeline samples the graceful processes and places the handoff's steps in
+    order after the takeover's start, with the successor's CPU at each and the pause gap."""
+    _require_graceful()
+    out = tmp_path / "bump.json"
+    argv = [sys.executable, str(BENCHMARKS / "bump.py"), "--scenario", "graceful-hup"]
+    argv += ["--duration", "5", "--takeovers", "1", "--clients", "2", "--downloaders", "1"]
+    argv += ["--timeline", "--json", str(out)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "timeline, 20 ms bins" in done.stdout and "pause gap" in done.stdout
+    (run,) = json.loads(out.read_text())["runs"]
+    timeline = run["timeline"]
+    assert timeline["takeovers"] == 1
+    steps = timeline["steps_median_ms"]
+    order = ["forked", "twistd", "hello", "paused", "serving", "confirmed"]
+    assert [steps[name] for name in order] == sorted(steps[name] for name in order)
+    (takeover,) = timeline["per_takeover"]
+    assert 0 <= takeover["pause_gap_ms"] < 1000
+    assert takeover["new_cpu"]["serving"][0] > 0
+    assert sum(row["new_cpu_ms"] for row in timeline["rows"]) > 0
+
+
+@pytest.mark.slow
+def test_bump_idle_takeovers_count_each_process_cpu(tmp_path):
+    """bump.py --idle-takeovers takes a graceful server over without load and reports the CPU
+    the predecessor, the forked successor and the fork server used in each takeover."""
+    _require_graceful()
+    out = tmp_path / "idle.json"
+    argv = [sys.executable, str(BENCHMARKS / "bump.py"), "--scenario", "graceful-hup"]
+    argv += ["--idle-takeovers", "1", "--json", str(out)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "CPU per takeover without load" in done.stdout
+    ((name, (takeover,)),) = json.loads(out.read_text())["idle"]
+    assert name == "graceful-hup"
+    assert takeover["old"] > 0 and takeover["new"] > 0 and takeover["forkserver"] > 0
+    assert takeover["total"] >= takeover["old"] + takeover["new"]

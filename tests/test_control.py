@@ -11,12 +11,14 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IWriteDescriptor
 from twisted.internet.protocol import Factory
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, IOPump, connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from graceful_plugin.control import (
@@ -637,3 +639,77 @@ class PeerTests(SynchronousTestCase):
         )
         self.assertEqual(opened, [])
         self.assertTrue(transports[0].disconnecting)
+
+
+@implementer(IWriteDescriptor)
+class _ReactorWrittenTransport(StringTransport):
+    """
+    A transport that, like a real one, writes only when the reactor calls L{doWrite}.
+    """
+
+    disconnected = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.held.append(data)
+
+    def doWrite(self) -> None:
+        for data in self.held:
+            super().write(data)
+        self.held = []
+
+    def fileno(self) -> int:
+        return -1
+
+    def connectionLost(self, reason: Failure) -> None:
+        pass
+
+    def logPrefix(self) -> str:
+        return "test"
+
+
+class _AnsweringHandler(ClientHandler):
+    def commit(self, protocol: ControlProtocol, dropped: list[str] | None = None) -> Any:
+        return {"confirmWithin": 10.0, "waited": 0.0}
+
+    def accepting(self, protocol: ControlProtocol) -> Any:
+        return {}
+
+
+class CommitAnswerTests(SynchronousTestCase):
+    """
+    The answer to Commit is written at once, not on the reactor's next turn: nobody accepts
+    until the successor has read it.
+    """
+
+    def _served(self, command: Any, **kw: Any) -> _ReactorWrittenTransport:
+        transport = _ReactorWrittenTransport()
+        assert verifyObject(IWriteDescriptor, transport)
+        server = ControlProtocol(_AnsweringHandler())
+        server.makeConnection(transport)
+        client = ControlProtocol(ClientHandler())
+        asked = StringTransport()
+        client.makeConnection(asked)
+        client.callRemote(command, **kw).addErrback(lambda _: None)
+        server.dataReceived(asked.value())
+        return transport
+
+    def test_commitAnswerIsWrittenWithoutTheReactor(self) -> None:
+        """
+        Once Commit is answered, the answer is on the wire with nothing left for the reactor.
+        """
+        transport = self._served(Commit, dropped=[])
+        self.assertEqual(transport.held, [])
+        self.assertIn(b"_answer", transport.value())
+        self.assertIn(b"confirmWithin", transport.value())
+
+    def test_otherAnswersWaitForTheReactor(self) -> None:
+        """
+        Any other answer is written as usual, when the reactor gets to it.
+        """
+        transport = self._served(Accepting)
+        self.assertEqual(transport.value(), b"")
+        self.assertTrue(any(b"_answer" in data for data in transport.held))

@@ -316,3 +316,36 @@ class LauncherTests(SynchronousTestCase):
             " it did not answer within 5 s",
             self.logged(),
         )
+
+
+def test_preloadLeavesASuccessorNothingOfOursToImport(tmp_path: Path) -> None:
+    """
+    After the fork server's preload, a successor's start-up (twistd's options for a takeover,
+    the service) imports no module of graceful or Twisted but the reactor it installs: each
+    import there would cost every takeover its CPU and its page faults.
+    """
+    control = tmp_path / "c.sock"
+    script = (
+        "import socket, sys\n"
+        "from graceful_plugin.forkserver import preload\n"
+        "preload()\n"
+        "before = set(sys.modules)\n"
+        "listener = socket.socket(socket.AF_UNIX)\n"
+        f"listener.bind({str(control)!r}); listener.listen(1)\n"
+        "from twisted.scripts._twistd_unix import ServerOptions\n"
+        "from twisted.internet import epollreactor\n"
+        "epollreactor.install()\n"
+        "options = ServerOptions()\n"
+        f"options.parseOptions(['-n', 'graceful', '--path', {str(tmp_path)!r},"
+        f" '--control', {str(control)!r}, '--takeover', {str(control)!r}])\n"
+        "options.subOptions.parent = options\n"
+        "from graceful_plugin.tap import makeService\n"
+        "makeService(options.subOptions)\n"
+        "ours = ('graceful_plugin', 'twisted', 'zope', 'automat', 'attr', 'attrs')\n"
+        "print(sorted(m for m in set(sys.modules) - before if m.split('.')[0] in ours))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['twisted.internet.reactor']", done.stdout + done.stderr

@@ -78,3 +78,18 @@ def test_drainTwiceSendsOneClose() -> None:
     assert transport.value() == sent
     if protocol.closeHandshakeTimeoutCall is not None:
         protocol.closeHandshakeTimeoutCall.cancel()
+
+
+def test_noAdapterUntilTheApplicationImportsAutobahn() -> None:
+    """
+    The drain adapter is registered only when autobahn's Twisted WebSocket module has been
+    imported (by the application): without it, nothing is registered and nothing is imported.
+    """
+    assert not registerDrainAdapters(modules={})
+    assert registerDrainAdapters(modules={"autobahn.twisted.websocket": _websocketModule()})
+
+
+def _websocketModule() -> object:
+    import autobahn.twisted.websocket
+
+    return autobahn.twisted.websocket
