@@ -8,13 +8,13 @@ received, tell it why if we still can, and exit non-zero.
 
 from __future__ import annotations
 
-import gc
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectError, ConnectionClosed
 from twisted.logger import Logger
@@ -46,6 +46,7 @@ from graceful_plugin.listeners import (
     listeningSocketProblem,
     parseListener,
 )
+from graceful_plugin.listenerset import Port
 from graceful_plugin.metrics import (
     MetricsUnavailable,
     adoptMetrics,
@@ -59,13 +60,28 @@ from graceful_plugin.priority import (  # noqa: F401 (re-exported: the names wer
     lowerPriority,
     restorePriority,
 )
-from graceful_plugin.server import TakeoverFailed, maybeReady
 from graceful_plugin.workers import WorkerFailed
 
-if TYPE_CHECKING:
-    from graceful_plugin.server import GracefulServer, Port
+#: The generation that takes over (a L{graceful_plugin.server.GracefulServer}, which imports
+#: this module: named here by its role only, so that imports point one way).
+GracefulServer = Any
 
 log = Logger()
+
+
+class TakeoverFailed(Exception):
+    """
+    A takeover could not be completed; the predecessor serves on.
+    """
+
+
+def maybeReady(ready: Callable[[], Any] | None) -> Deferred[Any]:
+    """
+    Wait for an application's readiness hook, if it has one.
+    """
+    if ready is None:
+        return succeed(None)
+    return maybeDeferred(ready)
 
 
 def serverIdentityProblem(
@@ -97,15 +113,13 @@ async def takeOver(server: GracefulServer) -> None:
     settings = server.settings
     reactor = server.reactor
     path = settings.controlPath
-    # Start-up left many objects behind: collect them now, before the handoff starts, and keep
-    # them out of later collections, so that no long collection pauses our first requests.
-    gc.collect()
-    gc.freeze()
-    restorePriority()
+    # Start-up left many objects behind: collected now, before the handoff starts, and kept out
+    # of later collections, so that no long collection pauses our first requests.
+    server.process.settleForHandoff()
     endpoint = UNIXClientEndpoint(reactor, path, timeout=settings.connectTimeout)
     started = time.monotonic()
     try:
-        link = await connectProtocol(endpoint, ControlProtocol(server))
+        link = await connectProtocol(endpoint, ControlProtocol(server.responder))
     except ConnectError as e:
         raise TakeoverFailed(f"no server answers at {path} ({e.__class__.__name__})") from None
     assert isinstance(link, ControlProtocol) and link.transport is not None
@@ -170,7 +184,7 @@ async def takeOver(server: GracefulServer) -> None:
         # Our workers start (and load the application) while ours gets ready: the commit waits
         # for every one of them, and none accepts before it.
         # (The first failure of either ends the wait: a worker that dies fails the handoff now.)
-        waits = [maybeReady(server._ready)]
+        waits = [maybeReady(server.ready)]
         if workers is not None:
             waits.append(workers.startWith(ports, server.generation))
         try:
@@ -220,8 +234,7 @@ async def takeOver(server: GracefulServer) -> None:
         if isinstance(e, NoHandoff):
             raise TakeoverFailed(f"the predecessor refused: {e}") from None
         raise
-    server.ports = ports
-    server.controlPort = controlPort
+    server.listeners.install(ports, controlPort)
     server.beginServing()
     holdMetrics(ports)
     figures = await _counters(link, counters, deadline, reactor)
@@ -261,7 +274,7 @@ async def takeOver(server: GracefulServer) -> None:
         log.info("the predecessor (pid {pid}) exited at commit", pid=predecessorPid)
     confirmedAt = time.monotonic()
     if settings.pidfile:
-        pidfile.claim(settings.pidfile, os.getpid())
+        server.process.claimPidfile(settings.pidfile)
     _continueFigures(server, figures, hello["generation"])
     server.figures.observeTakeover(
         committedAt - started,
@@ -336,10 +349,7 @@ def _adopt(
                     f" listener, but {problem}"
                 )
             if entry["kind"] == CONTROL_KIND:
-                controlPort = adoptListener(
-                    server.reactor, fd, "unix", server._controlFactory(), name="control"
-                )
-                controlPort.kind = CONTROL_KIND
+                controlPort = server.listeners.adoptControl(fd)
                 continue
             if entry.get("role") == METRICS_ROLE:
                 try:
@@ -410,7 +420,7 @@ def _openNew(server: GracefulServer, specs: list[Any]) -> list[Port]:
     opened: list[Port] = []
     try:
         for spec in specs:
-            opened.append(server._bindAndAdopt(spec, server.factory))
+            opened.append(server.listeners.bind(spec, server.factory))
     except OSError as e:
         for port in opened:
             port.close()

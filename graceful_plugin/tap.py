@@ -13,14 +13,17 @@ from twisted.application import service
 from twisted.python import usage
 
 from graceful_plugin import pidfile
+from graceful_plugin.apps import ApplicationError, loadApplication
 from graceful_plugin.control import MAX_SECONDS
-from graceful_plugin.lifecycle import SystemdNotifications
-from graceful_plugin.listeners import ListenerSpec, parseListener
+from graceful_plugin.lifecycle import SystemdNotifications, activatedSockets, planActivation
+from graceful_plugin.listeners import ListenerSpec, parseListener, raiseFileLimit
 from graceful_plugin.logfile import SharedLogService
-from graceful_plugin.restart import restartCommand
+from graceful_plugin.metrics import MetricsUnavailable, parseMetrics, requirePrometheus
+from graceful_plugin.restart import parseRestartCommand, restartCommand
 from graceful_plugin.server import GracefulServer, Settings
 from graceful_plugin.systemd import Notifier
 from graceful_plugin.takeover import lowerPriority
+from graceful_plugin.web import demoSite
 
 
 def _positiveSeconds(name: str) -> Any:
@@ -118,8 +121,6 @@ class Options(usage.Options):
         like a shell would, run without one); it must itself take over with --takeover.
         Default: this process's own command line plus --takeover CONTROL.
         """
-        from graceful_plugin.restart import parseRestartCommand
-
         try:
             self["restart-command"] = parseRestartCommand(command)
         except ValueError as e:
@@ -186,8 +187,6 @@ class Options(usage.Options):
         Serve Prometheus metrics on this listener (tcp or unix, as --port: tcp:9100:interface=
         127.0.0.1), from the serving generation; a successor without --metrics keeps it.
         """
-        from graceful_plugin.metrics import MetricsUnavailable, parseMetrics, requirePrometheus
-
         try:
             requirePrometheus()
             self["metrics"] = parseMetrics(spec)
@@ -236,8 +235,6 @@ class Options(usage.Options):
         self._application("path", directory)
 
     def _loadApplication(self) -> None:
-        from graceful_plugin.apps import ApplicationError, loadApplication
-
         if self["application"] is not None:
             kind, name = self["application"]
             try:
@@ -324,8 +321,6 @@ def _activatedSockets() -> list[Any]:
     """
     The listening sockets systemd passed us (socket activation), if any.
     """
-    from graceful_plugin.lifecycle import activatedSockets
-
     try:
         return activatedSockets()
     except ValueError as e:
@@ -337,8 +332,6 @@ def _checkActivation(ports: list[ListenerSpec], activated: list[Any]) -> None:
     Refuse, with a sentence, a socket systemd passed under a listener's name that the listener
     cannot serve.
     """
-    from graceful_plugin.lifecycle import planActivation
-
     if ports and activated:
         try:
             planActivation(ports, activated)
@@ -382,9 +375,6 @@ def makeService(options: Options) -> service.IService:
     The graceful server for C{options}, serving the application it names (the demo application
     when it names none).
     """
-    from graceful_plugin.listeners import raiseFileLimit
-    from graceful_plugin.web import demoSite
-
     raiseFileLimit()
     settings = Settings(
         listeners=list(options["ports"]),
@@ -419,6 +409,7 @@ def makeService(options: Options) -> service.IService:
     top = SharedLogService(server.twistdConfig)
     server.setServiceParent(top)
     if settings.workers != 1:
+        # (Start-up cost: only a generation with workers loads their supervision.)
         from graceful_plugin.workerspawn import WorkerSupervisor
 
         application = list(options["application"]) if options["application"] else None
