@@ -40,6 +40,8 @@ class ProcessEffects:
         close: Callable[[int], None] = os.close,
         exit: Callable[[int], Any] = os._exit,
         pid: Callable[[], int] = os.getpid,
+        settleHeap: Callable[[], None] | None = None,
+        restorePriority: Callable[[], None] = priority.restorePriority,
     ) -> None:
         self.reactor = reactor
         self.exitCode = 0
@@ -49,6 +51,8 @@ class ProcessEffects:
         self._exit = exit
         self._pid = pid
         self._statusPipe: int | None = None
+        self._settleHeap = settleHeap or _settleHeap
+        self._restorePriority = restorePriority
 
     # -- signals ----------------------------------------------------------------------------
 
@@ -145,9 +149,13 @@ class ProcessEffects:
         collections (no long collection pauses the first requests), and take back the normal
         scheduling priority its start-up ran without.
         """
-        gc.collect()
-        gc.freeze()
-        priority.restorePriority()
+        self._settleHeap()
+        self._restorePriority()
+
+
+def _settleHeap() -> None:
+    gc.collect()
+    gc.freeze()
 
 
 def lowerPriority() -> None:

@@ -9,7 +9,6 @@ received, tell it why if we still can, and exit non-zero.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -62,6 +61,9 @@ from graceful_plugin.priority import (  # noqa: F401 (re-exported: the names wer
 )
 from graceful_plugin.workers import WorkerFailed
 
+#: Connects a protocol to the predecessor; fires with it once connected.
+Connect = Callable[[ControlProtocol], Deferred[Any]]
+
 #: The generation that takes over (a L{graceful_plugin.server.GracefulServer}, which imports
 #: this module: named here by its role only, so that imports point one way).
 GracefulServer = Any
@@ -104,10 +106,34 @@ def _timed(d: Deferred[Any], seconds: float, reactor: Any) -> Deferred[Any]:
     return d.addTimeout(seconds, reactor)
 
 
-async def takeOver(server: GracefulServer) -> None:
+async def _step(d: Deferred[Any], seconds: float, reactor: Any, late: str) -> Any:
     """
-    Take over from the server listening at C{server.settings.controlPath}.
+    Wait for C{d} at most C{seconds} (a L{Clock} call on C{reactor}).
 
+    @raise TakeoverFailed: C{late}, and the deadline, when it passed.
+    """
+    try:
+        return await _timed(d, seconds, reactor)
+    except defer.TimeoutError:
+        raise TakeoverFailed(f"{late} within {seconds:g} s") from None
+
+
+def connectTo(reactor: Any, path: str, timeout: float) -> Connect:
+    """
+    How a successor connects: over the Unix socket at C{path}, giving up after C{timeout}
+    seconds.
+    """
+    endpoint = UNIXClientEndpoint(reactor, path, timeout=timeout)
+    return lambda protocol: connectProtocol(endpoint, protocol)
+
+
+async def takeOver(server: GracefulServer, connect: Connect | None = None) -> None:
+    """
+    Take over from the server listening at C{server.settings.controlPath}.  Every deadline and
+    every duration is on C{server.reactor}'s clock.
+
+    @param connect: connects a protocol to the predecessor (L{connectTo} the control path when
+        L{None}).
     @raise TakeoverFailed: with the reason, when the predecessor keeps serving.
     """
     settings = server.settings
@@ -116,10 +142,11 @@ async def takeOver(server: GracefulServer) -> None:
     # Start-up left many objects behind: collected now, before the handoff starts, and kept out
     # of later collections, so that no long collection pauses our first requests.
     server.process.settleForHandoff()
-    endpoint = UNIXClientEndpoint(reactor, path, timeout=settings.connectTimeout)
-    started = time.monotonic()
+    if connect is None:
+        connect = connectTo(reactor, path, settings.connectTimeout)
+    started = reactor.seconds()
     try:
-        link = await connectProtocol(endpoint, ControlProtocol(server.responder))
+        link = await connect(ControlProtocol(server.responder))
     except ConnectError as e:
         raise TakeoverFailed(f"no server answers at {path} ({e.__class__.__name__})") from None
     assert isinstance(link, ControlProtocol) and link.transport is not None
@@ -167,10 +194,15 @@ async def takeOver(server: GracefulServer) -> None:
     try:
         start = 0
         while start >= 0:
-            answer = await _timed(link.callRemote(TakeOver, start=start), deadline, reactor)
+            answer = await _step(
+                link.callRemote(TakeOver, start=start),
+                deadline,
+                reactor,
+                "the predecessor did not hand its listeners over",
+            )
             received.extend(answer["listeners"])
             start = answer["next"]
-        fdsAt = time.monotonic()
+        fdsAt = reactor.seconds()
         ports, controlPort, missing, dropped = _adopt(server, received)
         adopted = ports + [controlPort]
         opened = _openNew(server, missing)
@@ -180,23 +212,34 @@ async def takeOver(server: GracefulServer) -> None:
         if metrics is not None:
             adopted.append(metrics)
             ports.append(metrics)
-        adoptedAt = time.monotonic()
+        adoptedAt = reactor.seconds()
         # Our workers start (and load the application) while ours gets ready: the commit waits
         # for every one of them, and none accepts before it.
         # (The first failure of either ends the wait: a worker that dies fails the handoff now.)
         waits = [maybeReady(server.ready)]
         if workers is not None:
             waits.append(workers.startWith(ports, server.generation))
+        notReady = "the application" + (" or a worker" if workers is not None else "")
         try:
-            await _timed(defer.gatherResults(waits, consumeErrors=True), deadline, reactor)
+            await _step(
+                defer.gatherResults(waits, consumeErrors=True),
+                deadline,
+                reactor,
+                f"{notReady} was not ready",
+            )
         except defer.FirstError as e:
+            if e.subFailure.check(defer.CancelledError):
+                # (Cancelled by the deadline: the hook's own Deferred has no canceller.)
+                raise TakeoverFailed(f"{notReady} was not ready within {deadline:g} s") from None
             raise e.subFailure.value from None
-        readyAt = time.monotonic()
+        readyAt = reactor.seconds()
         committing = link.callRemote(Commit, dropped=dropped)
         # Right behind the Commit, so answered once the predecessor has paused: final figures.
         counters = _askCounters(link, 0)
-        answer = await _timed(committing, deadline, reactor)
-        committedAt = time.monotonic()
+        answer = await _step(
+            committing, deadline, reactor, "the predecessor did not answer the commit"
+        )
+        committedAt = reactor.seconds()
         # The predecessor's confirm deadline started when it paused, some time within our round
         # trip (less what it says it waited before pausing).  If the round trip took more than
         # half of the window, too little of it may be left to confirm: give up rather than risk
@@ -263,7 +306,7 @@ async def takeOver(server: GracefulServer) -> None:
     except ConnectionClosed:
         # The predecessor resumes on its own only after its confirm deadline: before half of it
         # has passed here, a lost connection means it exited or died, and we serve on.
-        late = time.monotonic() - committedAt > answer["confirmWithin"] / 2
+        late = reactor.seconds() - committedAt > answer["confirmWithin"] / 2
         if late and pidfile.alive(predecessorPid):
             _stepBack(server)
             if workers is not None:
@@ -272,7 +315,17 @@ async def takeOver(server: GracefulServer) -> None:
                 "the predecessor dropped the connection too late to confirm; it serves on"
             ) from None
         log.info("the predecessor (pid {pid}) exited at commit", pid=predecessorPid)
-    confirmedAt = time.monotonic()
+    except defer.TimeoutError:
+        # Long past its confirm deadline: a predecessor still alive has resumed.
+        if pidfile.alive(predecessorPid):
+            _stepBack(server)
+            if workers is not None:
+                workers.abandon()
+            raise TakeoverFailed(
+                f"the predecessor did not answer Accepting within {deadline:g} s; it serves on"
+            ) from None
+        log.info("the predecessor (pid {pid}) exited at commit", pid=predecessorPid)
+    confirmedAt = reactor.seconds()
     if settings.pidfile:
         server.process.claimPidfile(settings.pidfile)
     _continueFigures(server, figures, hello["generation"])
