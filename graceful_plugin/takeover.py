@@ -178,7 +178,8 @@ class Takeover:
         self.server.process.settleForHandoff()
         self.marks["started"] = self.reactor.seconds()
         connecting = self.connect(ControlProtocol(self.server.responder))
-        connecting.addCallbacks(self._connected, self._notConnected)
+        # (An error of our own in a callback fails the step it is in, as the I/O would.)
+        connecting.addCallbacks(self._connected, self._notConnected).addErrback(self._failed)
         return self.done
 
     def _failed(self, failure: Failure) -> None:
@@ -212,7 +213,7 @@ class Takeover:
     def sendHello(self) -> None:
         assert self.link is not None
         hello = self.link.callRemote(Hello, version=PROTOCOL_VERSION, pid=os.getpid(), standby=True)
-        hello.addCallbacks(self._greeted, self._helloFailed)
+        hello.addCallbacks(self._greeted, self._helloFailed).addErrback(self._failed)
 
     def _helloFailed(self, failure: Failure) -> None:
         error = failure.value
@@ -244,7 +245,8 @@ class Takeover:
 
     def _askBatch(self, start: int) -> None:
         assert self.link is not None
-        self.link.callRemote(TakeOver, start=start).addCallbacks(self._batch, self._failed)
+        asked = self.link.callRemote(TakeOver, start=start)
+        asked.addCallbacks(self._batch, self._failed).addErrback(self._failed)
 
     def _batch(self, answer: dict[str, Any]) -> None:
         if self._finished:
@@ -283,7 +285,7 @@ class Takeover:
         if self.workers is not None:
             waits.append(self.workers.startWith(ports, server.generation))
         ready = defer.gatherResults(waits, consumeErrors=True)
-        ready.addCallbacks(lambda _: self.machine.ready(), self._notReady)
+        ready.addCallbacks(lambda _: self.machine.ready(), self._notReady).addErrback(self._failed)
 
     def _notReady(self, failure: Failure) -> None:
         if failure.check(defer.FirstError):
@@ -296,7 +298,7 @@ class Takeover:
         committing = self.link.callRemote(Commit, dropped=self.dropped)
         # Right behind the Commit, so answered once the predecessor has paused: final figures.
         self.counters = _askCounters(self.link, 0)
-        committing.addCallbacks(self._commitAnswered, self._failed)
+        committing.addCallbacks(self._commitAnswered, self._failed).addErrback(self._failed)
 
     def _commitAnswered(self, answer: dict[str, Any]) -> None:
         self.marks["committed"] = self.reactor.seconds()

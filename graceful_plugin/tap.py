@@ -12,7 +12,7 @@ from typing import Any
 from twisted.application import service
 from twisted.python import usage
 
-from graceful_plugin import pidfile
+from graceful_plugin import pidfile, process
 from graceful_plugin.apps import ApplicationError, loadApplication
 from graceful_plugin.control import MAX_SECONDS
 from graceful_plugin.lifecycle import SystemdNotifications, activatedSockets, planActivation
@@ -22,7 +22,6 @@ from graceful_plugin.metrics import MetricsUnavailable, parseMetrics, requirePro
 from graceful_plugin.restart import parseRestartCommand, restartCommand
 from graceful_plugin.server import GracefulServer, Settings
 from graceful_plugin.systemd import Notifier
-from graceful_plugin.takeover import lowerPriority
 from graceful_plugin.web import demoSite
 
 
@@ -278,9 +277,11 @@ class Options(usage.Options):
             parent["pidfile"] = ""
         if self["takeover"]:
             _checkControlSocket(self["control"])
-            lowerPriority()
-            # Our own application, imported before we connect: a bad one never disturbs the
-            # serving process.
+            # Our own application, imported before we connect: a bad one is a usage error and
+            # never disturbs the serving process.  Its import is the bulk of our start-up, so
+            # it runs at idle priority (the one process effect here: loading the application
+            # is what checks it, and twistd turns only postOptions' errors into sentences).
+            process.lowerPriority()
             self._loadApplication()
             return
         self["activated"] = _activatedSockets()
