@@ -1,6 +1,8 @@
 """
-The successor's side of a handoff: connect to the serving process, receive its listeners, adopt
-them without accepting, wait for the application, commit, and only then accept.
+The successor's side of a handoff, its I/O: connect to the serving process, receive its
+listeners, adopt them without accepting, wait for the application, commit, and only then accept.
+What comes next, each step's deadline and what a late answer means are the machine's
+(L{graceful_plugin.successor}); L{Takeover} does what it asks.
 
 Whatever fails before the predecessor confirms leaves it serving: we close every descriptor we
 received, tell it why if we still can, and exit non-zero.

@@ -131,6 +131,10 @@ class Options(usage.Options):
     #: Set once parsing failed: twistd then prints our usage before the error's sentence.
     _failed = False
 
+    #: Runs a successor's start-up at idle priority (a test gives its own, so that the test
+    #: process keeps its scheduling).
+    lowerPriority = staticmethod(process.lowerPriority)
+
     def parseOptions(self, options: Any = None) -> None:
         try:
             super().parseOptions(options)
@@ -281,7 +285,7 @@ class Options(usage.Options):
             # never disturbs the serving process.  Its import is the bulk of our start-up, so
             # it runs at idle priority (the one process effect here: loading the application
             # is what checks it, and twistd turns only postOptions' errors into sentences).
-            process.lowerPriority()
+            self.lowerPriority()
             self._loadApplication()
             return
         self["activated"] = _activatedSockets()
