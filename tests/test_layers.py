@@ -112,7 +112,17 @@ def test_lowerRoomsNeverImportTheService() -> None:
     restarts, observers) never import the service module that wires them.
     """
     graph = importGraph()
-    parts = ["listenerset", "process", "responder", "takeover", "restart", "lifecycle"]
+    parts = ["listenerset", "process", "responder", "takeover", "successor", "restart", "lifecycle"]
     for part in parts:
         module = f"{PACKAGE}.{part}"
         assert f"{PACKAGE}.server" not in graph[module], f"{module} imports the service"
+
+
+def test_machinesDoNoIO() -> None:
+    """
+    The two state machines import no other graceful_plugin module than each other's shared
+    deadline: everything they do goes through the effects they are given.
+    """
+    graph = importGraph()
+    assert graph[f"{PACKAGE}.machine"] == set()
+    assert graph[f"{PACKAGE}.successor"] == {f"{PACKAGE}.machine"}
