@@ -33,16 +33,31 @@ from graceful_plugin.machine import (
     IGenerationEffects,
     makeGeneration,
 )
+from graceful_plugin.successor import SuccessorMachine
 
 #: The order states are shown in: the life of one generation.
 _ORDER = ["serving", "handing_off", "committed", "draining", "retiring", "terminated"]
 
+#: The order of the successor's steps.
+_SUCCESSOR_ORDER = [
+    "connecting",
+    "greeting",
+    "receiving",
+    "adopting",
+    "committing",
+    "accepting",
+    "confirmed",
+    "stepped_back",
+]
 
-def _rank(state: str) -> int:
-    return _ORDER.index(state) if state in _ORDER else len(_ORDER)
+
+def _rank(state: str, order: list[str] = _ORDER) -> int:
+    return order.index(state) if state in order else len(order)
 
 
-def _transitions() -> list[tuple[str, str, str]]:
+def _transitions(
+    machine: Any = GenerationMachine, order: list[str] = _ORDER
+) -> list[tuple[str, str, str]]:
     """
     Every (state, input, new state) of the machine.
 
@@ -50,18 +65,18 @@ def _transitions() -> list[tuple[str, str, str]]:
     place that lists them all; the attribute holding it is automat's own, so it is read here and
     nowhere else.
     """
-    automaton = GenerationMachine.__automat_automaton__  # type: ignore[attr-defined]
+    automaton = machine.__automat_automaton__
     return sorted(
         (
             (before.name, inputName, after.name)
             for before, inputName, after, _outputs in automaton.allTransitions()
         ),
-        key=lambda t: (_rank(t[0]), _rank(t[2]), t[1]),
+        key=lambda t: (_rank(t[0], order), _rank(t[2], order), t[1]),
     )
 
 
-def _initialState() -> str:
-    return str(GenerationMachine.__automat_automaton__.initialState.name)  # type: ignore[attr-defined]
+def _initialState(machine: Any = GenerationMachine) -> str:
+    return str(machine.__automat_automaton__.initialState.name)
 
 
 @implementer(IGenerationEffects)
@@ -139,26 +154,26 @@ def _effectsTable() -> list[tuple[str, str, str, list[str]]]:
     return rows
 
 
-def compactSource() -> str:
+def compactSource(machine: Any = GenerationMachine, order: list[str] = _ORDER) -> str:
     """
     Graphviz source for the states and the transitions that change state.
     """
     edges: dict[tuple[str, str], list[str]] = {}
     states: list[str] = []
-    for before, inputName, after in _transitions():
+    for before, inputName, after in _transitions(machine, order):
         for state in (before, after):
             if state not in states:
                 states.append(state)
         if before != after:
             edges.setdefault((before, after), []).append(inputName)
-    states.sort(key=_rank)
+    states.sort(key=lambda state: _rank(state, order))
     lines = [
         "digraph generation {",
         "  rankdir=LR;",
         '  node [shape=box, style="rounded", fontname="Helvetica"];',
         '  edge [fontname="Helvetica", fontsize=10];',
         '  start [shape=point, label=""];',
-        f'  start -> "{_initialState()}";',
+        f'  start -> "{_initialState(machine)}";',
     ]
     for state in states:
         lines.append(f'  "{state}";')
@@ -212,6 +227,7 @@ def generate(directory: Path) -> None:
     _render(compactSource(), directory / "machine.svg")
     _render(GenerationMachine.asDigraph().source, directory / "machine-full.svg")
     _write(directory / "transitions.md", transitionsMarkdown().encode())
+    _render(compactSource(SuccessorMachine, _SUCCESSOR_ORDER), directory / "successor.svg")
 
 
 def _builderInited(app: Sphinx) -> None:

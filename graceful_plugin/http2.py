@@ -25,8 +25,8 @@ from twisted.python.failure import Failure
 from twisted.web._http2 import H2Connection
 from zope.interface import implementer
 
+from graceful_plugin.drainhooks import DrainCallbacks
 from graceful_plugin.sessions import IDrainable
-from graceful_plugin.web import DrainCallbacks
 
 
 @implementer(IDrainable)

@@ -118,7 +118,7 @@ def statusText(server: Any, state: str) -> str:
         f"generation {server.generation} (pid {os.getpid()}) {state},"
         f" {server.liveSessions()} sessions"
     )
-    draining = server._drainingEntries()
+    draining = server.drainingEntries()
     if draining:
         text += "; draining: " + ", ".join(
             f"generation {d['generation']} (pid {d['pid']}) {d['sessions']} sessions"
@@ -170,7 +170,7 @@ class SystemdNotifications(Observer):
         )
 
     def handoffAborted(self, server: Any, pid: int, reason: str) -> None:
-        if server._stopping:
+        if server.stopping:
             return
         self._send(server, "serving (handoff rolled back)", READY=1)
 
@@ -272,6 +272,7 @@ def activatedSockets() -> list[ActivatedSocket]:
     @raise ValueError: with a sentence naming the variable, when one is malformed.
     """
     if "LISTEN_FDS" not in os.environ:
+        # (The package itself: the copy its __init__ took before Twisted's endpoints consumed it.)
         from graceful_plugin import _ACTIVATION
 
         environ = dict(_ACTIVATION) if "LISTEN_FDS" in _ACTIVATION else _consumedByTwisted()

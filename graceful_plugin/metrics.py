@@ -256,7 +256,7 @@ def bindMetrics(generation: Any) -> Any:
     @raise OSError: with a sentence, when it cannot listen.
     """
     spec = generation.settings.metrics
-    port = generation._bindAndAdopt(spec, metricsFactory(generation))
+    port = generation.listeners.bind(spec, metricsFactory(generation))
     port.role = METRICS_ROLE
     return port
 

@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -28,9 +28,7 @@ from zope.interface import implementer
 
 from graceful_plugin.control import HandoffBusy, RestartFailed
 from graceful_plugin.lifecycle import IGenerationObserver, Observer
-
-if TYPE_CHECKING:
-    from graceful_plugin.server import GracefulServer
+from graceful_plugin.priority import idleChildren
 
 #: How often a started successor is checked for having exited (and reaped).
 POLL_INTERVAL = 0.1
@@ -170,8 +168,6 @@ def spawnDetached(command: Sequence[str], cwd: str | None) -> subprocess.Popen[b
 
     @raise OSError: when it cannot be started (no such program, not executable).
     """
-    from graceful_plugin.priority import idleChildren
-
     with idleChildren():
         return subprocess.Popen(
             list(command),
@@ -226,7 +222,7 @@ class Restarter(Observer):
 
     def __init__(
         self,
-        server: GracefulServer,
+        server: Any,
         spawn: Callable[[Sequence[str], str | None], Any] = spawnDetached,
         pollInterval: float = POLL_INTERVAL,
         startTimeout: float = START_TIMEOUT,

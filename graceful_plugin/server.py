@@ -7,55 +7,45 @@ from __future__ import annotations
 
 import gc
 import os
-import signal
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.application import service
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from graceful_plugin import control, pidfile
+from graceful_plugin import control
 from graceful_plugin.control import (
-    CONTROL_KIND,
-    PROTOCOL_VERSION,
-    REPORT_LISTENERS,
-    TAKEOVER_BATCH,
     ControlProtocol,
     HandoffBusy,
-    IControlHandler,
-    NoHandoff,
     RestartFailed,
-    RolledBack,
-    VersionMismatch,
 )
 from graceful_plugin.controlconn import DEFAULT_CAP, DEFAULT_IDLE_TIMEOUT, ControlConnections
 from graceful_plugin.draining import DrainingView, Upstream, fitEntries
 from graceful_plugin.figures import Figures
-from graceful_plugin.listeners import (
-    AdoptedTCPPort,
-    AdoptedUNIXPort,
-    ListenerSpec,
-    adoptListener,
-    bindListener,
-    portAddress,
-)
+from graceful_plugin.lifecycle import closeActivated, planActivation
+from graceful_plugin.listeners import ListenerSpec, adoptListener
+from graceful_plugin.listenerset import ListenerSet, Port
 from graceful_plugin.machine import (
     GenerationCore,
     GenerationInputs,
     IGenerationEffects,
     makeGeneration,
 )
+from graceful_plugin.metrics import bindMetrics
+from graceful_plugin.process import ProcessEffects
+from graceful_plugin.responder import ControlResponder
+from graceful_plugin.restart import Restarter
 from graceful_plugin.standby import Standby, tellStandDown
+from graceful_plugin.takeover import TakeoverFailed, maybeReady, takeOver
 
-Port = AdoptedTCPPort | AdoptedUNIXPort
+__all__ = ["REPORT_INTERVAL", "GracefulServer", "Settings", "TakeoverFailed", "maybeReady"]
 
 #: How often a draining generation reports its session count to its successor, at most.
 REPORT_INTERVAL = 0.2
@@ -105,13 +95,7 @@ class Settings:
     workers: int = 1
 
 
-class TakeoverFailed(Exception):
-    """
-    A takeover could not be completed; the predecessor serves on.
-    """
-
-
-@implementer(IGenerationEffects, IControlHandler)
+@implementer(IGenerationEffects)
 class GracefulServer(service.Service):
     """
     One generation of a graceful server.
@@ -130,45 +114,47 @@ class GracefulServer(service.Service):
         ready: Callable[[], Any] | None = None,
     ) -> None:
         if reactor is None:
+            # (Never at module level: importing it installs the default reactor.)
             from twisted.internet import reactor as _reactor
 
             reactor = _reactor
         self.settings = settings
         self.factory = factory
         self.reactor = reactor
-        self._ready = ready
+        self.ready = ready
         self.generation = 1
         self.startedAt = time.monotonic()
-        self.ports: list[Port] = []
-        self.controlPort: Port | None = None
+        #: Answers our control socket and the links to other generations.
+        self.responder = ControlResponder(self)
+        #: The generation's listeners and its control listener.
+        self.listeners = ListenerSet(reactor, self._controlFactory)
         self.machine: GenerationInputs | None = None
         self._core: GenerationCore | None = None
-        self.exitCode = 0
-        self._successor: ControlProtocol | None = None
-        self._successorPid = 0
+        #: The effects on the whole process: signals, status pipe, pidfile, exit code.
+        self.process = ProcessEffects(reactor)
+        self.successor: ControlProtocol | None = None
+        self.successorPid = 0
         #: What this generation counted, and its predecessors before it.
         self.figures = Figures()
         #: Every generation still draining behind us.
         self.draining = DrainingView(reactor, onGone=self._drained, ownPid=os.getpid())
         #: Where we report our sessions once our successor's link has gone.
-        self.upstream = Upstream(self, lambda: ControlProtocol(self), settings.controlPath)
+        self.upstream = Upstream(
+            self, lambda: ControlProtocol(self.responder), settings.controlPath
+        )
         self._drainingSince: float | None = None
         self._reportCall: Any = None
         self._draining = False
         self._terminated: Deferred[None] = Deferred()
-        self._stopping = False
-        self._exitCall: Any = None
-        self._closing: list[Deferred[None] | None] = []
-        self._dropped: set[str] = set()
+        self.stopping = False
+        self.exitCall: Any = None
         #: twistd's own options, when run by twistd (for a daemon's status pipe).
         self.twistdConfig: dict[str, Any] | None = None
-        self._statusPipe: int | None = None
-        self._handedOver = False
-        self._committedAt = 0.0
-        from graceful_plugin.restart import Restarter
-
+        self.handedOver = False
+        self.committedAt = 0.0
         launcher = None
         if settings.forkServer:
+            # (Start-up cost: only a generation that forks its successors loads the client.)
             from graceful_plugin.forkclient import ForkLauncher
 
             launcher = ForkLauncher(reactor, settings.controlPath)
@@ -187,7 +173,7 @@ class GracefulServer(service.Service):
         #: (L{graceful_plugin.workerspawn.WorkerSupervisor}): C{describe()} and C{sessions}.
         self.workers: Any = None
 
-    def _tell(self, event: str, *args: Any) -> None:
+    def tell(self, event: str, *args: Any) -> None:
         """
         Tell every observer of C{event}; an observer that fails is logged and changes nothing.
         """
@@ -199,33 +185,61 @@ class GracefulServer(service.Service):
                     "observer {observer!r} failed on {event}", observer=observer, event=event
                 )
 
+    @property
+    def ports(self) -> list[Port]:
+        """
+        The generation's listeners (L{ListenerSet.ports}).
+        """
+        return self.listeners.ports
+
+    @ports.setter
+    def ports(self, ports: list[Port]) -> None:
+        self.listeners.ports = ports
+
+    @property
+    def controlPort(self) -> Port | None:
+        """
+        The control listener (L{ListenerSet.controlPort}).
+        """
+        return self.listeners.controlPort
+
+    @controlPort.setter
+    def controlPort(self, port: Port | None) -> None:
+        self.listeners.controlPort = port
+
+    @property
+    def exitCode(self) -> int:
+        """
+        What the process exits with (L{ProcessEffects.exitCode}).
+        """
+        return self.process.exitCode
+
+    @exitCode.setter
+    def exitCode(self, code: int) -> None:
+        self.process.exitCode = code
+
     # -- starting ---------------------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
-        self.reactor.addSystemEventTrigger("after", "shutdown", self._exitWithCode)
+        process = self.process
+        process.exitAfterShutdown(lambda: self.settings.pidfile)
         # After the reactor's own handlers are in place: SIGTERM is a graceful stop that exits 0.
-        self.reactor.callWhenRunning(self._installSignalHandlers)
+        self.reactor.callWhenRunning(
+            process.installSignalHandlers, self.stopGracefully, self.restartBySignal
+        )
         if self.settings.takeover:
-            from graceful_plugin.takeover import takeOver
-
-            # Daemonized, twistd's parent process waits on this pipe: answer it when the
-            # handoff is decided (not when start-up ends), so its exit status tells.
-            config = self.twistdConfig
-            self._statusPipe = config.pop("statusPipe", None) if config is not None else None
+            process.takeStatusPipe(self.twistdConfig)
             d = Deferred.fromCoroutine(takeOver(self))
-            d.addCallbacks(lambda _: self._tellParent(b"0"), self._takeoverFailed)
+            d.addCallbacks(lambda _: process.tellParent(b"0"), self._takeoverFailed)
         else:
             try:
                 self._startFromScratch()
             except OSError as e:
                 self.log.critical("cannot start: {error}", error=str(e))
-                self.exitCode = 1
-                self.reactor.callWhenRunning(self.reactor.stop)
+                process.fail()
 
     def _startFromScratch(self) -> None:
-        from graceful_plugin.lifecycle import closeActivated, planActivation
-
         # As a successor does (takeover.py): what start-up left behind is collected once and kept
         # out of later collections, which otherwise walk it all, and of the interpreter's
         # teardown at exit (55 ms of CPU at the first takeover without).
@@ -268,20 +282,18 @@ class GracefulServer(service.Service):
                 closeActivated(activated)
                 activated = []
             for spec in specs:
-                ports.append(self._bindAndAdopt(spec, self.factory))
+                ports.append(self.listeners.bind(spec, self.factory))
             if self.settings.metrics is not None:
-                from graceful_plugin.metrics import bindMetrics
-
                 ports.append(bindMetrics(self))
-            self.controlPort = self._bindControl()
+            controlPort = self.listeners.bindControl(self.settings.controlPath)
         except OSError:
             closeActivated(activated)
             for port in ports:
                 port.close()
             raise
-        self.ports = ports
+        self.listeners.install(ports, controlPort)
         # The sockets listen (connections wait in the queue) while the application gets ready.
-        ready = maybeReady(self._ready)
+        ready = maybeReady(self.ready)
         ready.addCallbacks(lambda _: self.beginServing(), self._notReady)
 
     def _notReady(self, failure: Failure) -> None:
@@ -290,38 +302,12 @@ class GracefulServer(service.Service):
             "cannot start: the application is not ready: {error}",
             error=failure.getErrorMessage(),
         )
-        for port in self._allPorts():
-            port.close()
-        self.exitCode = 1
-        if self.reactor.running:
-            self.reactor.stop()
-        else:
-            self.reactor.callWhenRunning(self.reactor.stop)
-
-    def _bindAndAdopt(self, spec: ListenerSpec, factory: Any, kind: str | None = None) -> Port:
-        try:
-            sock = bindListener(spec)
-        except OSError as e:
-            raise OSError(f"cannot listen on {spec.name} ({spec.address}): {e}") from None
-        try:
-            port = adoptListener(
-                self.reactor,
-                sock.fileno(),
-                "unix" if kind == CONTROL_KIND else spec.kind,
-                factory,
-                name=spec.name,
-                backlog=spec.backlog,
-                spec=spec,
-            )
-        finally:
-            sock.close()
-        if kind is not None:
-            port.kind = kind
-        return port
+        self.listeners.close()
+        self.process.fail()
 
     def _controlFactory(self) -> Factory:
         return Factory.forProtocol(
-            lambda: ControlProtocol(self, checkPeer=True, limits=self.controlLimits)
+            lambda: ControlProtocol(self.responder, checkPeer=True, limits=self.controlLimits)
         )
 
     def beginServing(self) -> None:
@@ -336,23 +322,19 @@ class GracefulServer(service.Service):
             drainTimeout=self.settings.drainTimeout,
         )
         self.machine = makeGeneration(self._core)
-        for port in self._allPorts():
-            port.sessions.observe(self._sessionsChanged)
-            port.resumeAccepting()
+        self.listeners.observe(self.sessionsChanged)
+        self.listeners.resume()
         if self.settings.pidfile and not self.settings.takeover:
             # A successor claims the pidfile only once its predecessor confirmed (takeover.py):
             # one that steps back must not leave its own pid there.
-            pidfile.claim(self.settings.pidfile, os.getpid())
+            self.process.claimPidfile(self.settings.pidfile)
         self.log.info(
             "generation {generation} (pid {pid}) serving on {listeners}",
             generation=self.generation,
             pid=os.getpid(),
-            listeners=", ".join(f"{p.name}={portAddress(p)}" for p in self.ports),
+            listeners=self.listeners.describe(),
         )
-        self._tell("serving")
-
-    def _allPorts(self) -> list[Port]:
-        return self.ports + ([self.controlPort] if self.controlPort is not None else [])
+        self.tell("serving")
 
     def _takeoverFailed(self, failure: Failure) -> None:
         reason = failure.getErrorMessage() if failure.check(TakeoverFailed) else None
@@ -364,26 +346,8 @@ class GracefulServer(service.Service):
             path=self.settings.controlPath,
             reason=reason,
         )
-        self._tellParent(f"1 takeover failed: {reason}".encode(errors="replace"))
-        self.exitCode = 1
-        if self.reactor.running:
-            self.reactor.stop()
-        else:
-            self.reactor.callWhenRunning(self.reactor.stop)
-
-    def _installSignalHandlers(self) -> None:
-        def onTerm(signum: int, frame: Any) -> None:
-            self.reactor.callFromThread(self.stopGracefully)
-
-        signal.signal(signal.SIGTERM, onTerm)
-
-        # SIGHUP (and SIGUSR2, for nginx and gunicorn habits) restart, as `graceful-ctl
-        # restart` does; SIGUSR1 stays twistd's log rotation.
-        def onRestart(signum: int, frame: Any) -> None:
-            self.reactor.callFromThread(self.restartBySignal, signal.Signals(signum).name)
-
-        signal.signal(signal.SIGHUP, onRestart)
-        signal.signal(signal.SIGUSR2, onRestart)
+        self.process.tellParent(f"1 takeover failed: {reason}".encode(errors="replace"))
+        self.process.fail()
 
     def restartBySignal(self, name: str) -> None:
         """
@@ -410,29 +374,6 @@ class GracefulServer(service.Service):
             ),
         )
 
-    def _tellParent(self, message: bytes) -> None:
-        """
-        Answer a daemonizing twistd's parent process: C{b"0"} for success, else C{b"1 "} and a
-        reason (it prints up to 100 bytes).
-        """
-        pipe, self._statusPipe = self._statusPipe, None
-        if pipe is None:
-            return
-        try:
-            os.write(pipe, message[:100])
-            os.close(pipe)
-        except OSError:
-            pass
-
-    def _exitWithCode(self) -> None:
-        self._tellParent(b"1 stopped before the takeover was decided")
-        if self.settings.pidfile:
-            pidfile.release(self.settings.pidfile, os.getpid())
-        if self.exitCode:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(self.exitCode)
-
     # -- stopping ---------------------------------------------------------------------------
 
     def stopService(self) -> Deferred[None]:
@@ -442,11 +383,9 @@ class GracefulServer(service.Service):
                 # A first generation stopped while its application gets ready: nobody else
                 # holds these sockets, so close them for good (Unix paths unlinked).
                 self.closeListeners()
-                return DeferredList([d for d in self._closing if d is not None]).addCallback(
-                    lambda _: None
-                )
+                return self.listeners.closed().addCallback(lambda _: None)
             return succeed(None)
-        self._stopping = True
+        self.stopping = True
         machine = self.machine
         # The operator wants the service down: the predecessor standing by for us must not
         # resume.  Tell it (and hear it answer, briefly) before our listeners close.
@@ -472,85 +411,54 @@ class GracefulServer(service.Service):
     # -- IGenerationEffects -----------------------------------------------------------------
 
     def pauseAccepting(self) -> None:
-        for port in self._allPorts():
-            port.pauseAccepting()
+        self.listeners.pause()
 
     def resumeAccepting(self) -> None:
-        for port in self._allPorts():
-            port.resumeAccepting()
+        self.listeners.resume()
 
     def releaseListeners(self) -> None:
         self.standby.unwatch()
-        for port in self._allPorts():
-            if not port.connected:
-                continue  # closed already (dropped by the successor, at standBy)
-            if port.name in self._dropped and port is not self.controlPort:
-                self.log.info(
-                    "closing listener {name} ({address}): the successor dropped it",
-                    name=port.name,
-                    address=portAddress(port),
-                )
-                self._closing.append(port.close())
-            else:
-                self._closing.append(port.release())
+        self.listeners.release()
 
     def standBy(self) -> None:
-        for port in self.ports:
-            if port.name in self._dropped:
-                self.log.info(
-                    "closing listener {name} ({address}): the successor dropped it",
-                    name=port.name,
-                    address=portAddress(port),
-                )
-                self._closing.append(port.close())
+        self.listeners.closeDropped()
         # The kernel's word for its pid (SO_PEERCRED, in our pid namespace), not its Hello's.
-        peer = self._successor.peer if self._successor is not None else None
+        peer = self.successor.peer if self.successor is not None else None
         self.standby.watch(
-            peer[0] if peer else self._successorPid,
+            peer[0] if peer else self.successorPid,
             self.settings.pidfile,
             lambda reason: self.machine.successorLost(reason) if self.machine else None,
         )
 
     def resumed(self, reason: str) -> None:
-        successor, self._successor = self._successor, None
+        successor, self.successor = self.successor, None
         self._draining = False
-        self._handedOver = False
-        self._dropped = set()
+        self.handedOver = False
+        self.listeners.dropped = set()
         self.settings.pidfile = self.standby.pidfilePath
         if self.controlPort is not None:
             kept = self.controlPort
-            self.controlPort = self.standby.reclaim(
-                kept, self.settings.controlPath, self._rebindControl
-            )
-            if self.controlPort is not kept:
-                self.controlPort.resumeAccepting()
+            controlPort = self.standby.reclaim(kept, self.settings.controlPath, self._rebindControl)
+            self.listeners.install(self.ports, controlPort)
+            if controlPort is not kept:
+                controlPort.resumeAccepting()
         self.log.warn(
             "generation {generation} (pid {pid}) resumed serving: {reason}; the successor"
             " (pid {successor}) is lost",
             generation=self.generation,
             pid=os.getpid(),
             reason=reason,
-            successor=self._successorPid,
+            successor=self.successorPid,
         )
         if successor is not None and successor.transport is not None:
             self.reactor.callLater(0, successor.transport.loseConnection)
-        self._tell("resumed", reason)
+        self.tell("resumed", reason)
 
     def _rebindControl(self) -> Port:
         # (bindListener replaces a stale socket file, and refuses a live one.)
-        port = self._bindControl()
-        port.sessions.observe(self._sessionsChanged)
+        port = self.listeners.bindControl(self.settings.controlPath)
+        port.sessions.observe(self.sessionsChanged)
         return port
-
-    def _bindControl(self) -> Port:
-        """
-        Bind our control socket at its path (mode 0600), not accepting yet.
-        """
-        return self._bindAndAdopt(
-            ListenerSpec(name="control", kind="unix", path=self.settings.controlPath, mode=0o600),
-            self._controlFactory(),
-            kind=CONTROL_KIND,
-        )
 
     def closeListeners(self) -> None:
         # Only a stop closes listeners for good (a handoff releases them).
@@ -560,22 +468,21 @@ class GracefulServer(service.Service):
             pid=os.getpid(),
             sessions=self.liveSessions(),
         )
-        self._tell("stopping")
-        for port in self._allPorts():
-            self._closing.append(port.close())
+        self.tell("stopping")
+        self.listeners.close()
 
     def liveSessions(self) -> int:
         """
         The live sessions of the whole generation: ours and every worker's.
         """
-        own = sum(port.sessions.count for port in self.ports)
+        own = self.listeners.sessions()
         return own + (self.workers.sessions if self.workers is not None else 0)
 
     def workersChanged(self) -> None:
         """
         A worker's session count changed (or a worker ended).
         """
-        self._sessionsChanged()
+        self.sessionsChanged()
 
     def beginDrain(self) -> None:
         self._draining = True
@@ -588,18 +495,17 @@ class GracefulServer(service.Service):
             pid=os.getpid(),
             drainTimeout=self.settings.drainTimeout,
         )
-        for port in self.ports:
-            port.sessions.drain()
-        if self._successor is not None:
+        self.listeners.drain()
+        if self.successor is not None:
             # Report at once (not inside this transition: the report asks the machine), so
             # the successor's status shows us draining from its first moments.
             if self._reportCall is not None and self._reportCall.active():
                 self._reportCall.cancel()
             self._reportCall = self.reactor.callLater(0, self._report)
-        self._sessionsChanged()
+        self.sessionsChanged()
 
     def abortSessions(self) -> None:
-        aborted = sum(port.sessions.abortAll() for port in self.ports)
+        aborted = self.listeners.abortSessions()
         self.log.warn(
             "drain deadline passed: closed {sessions} sessions still open",
             sessions=aborted,
@@ -609,44 +515,44 @@ class GracefulServer(service.Service):
 
     def handoffStarted(self) -> None:
         self.log.info(
-            "handoff to pid {pid} started", pid=self._successorPid, generation=self.generation
+            "handoff to pid {pid} started", pid=self.successorPid, generation=self.generation
         )
-        self._tell("handoffStarted", self._successorPid)
+        self.tell("handoffStarted", self.successorPid)
 
     def handoffAborted(self, reason: str) -> None:
-        successor, self._successor = self._successor, None
+        successor, self.successor = self.successor, None
         self.figures.count("rolled_back")
         self.log.warn(
             "handoff to pid {pid} rolled back: {reason}; serving on",
-            pid=self._successorPid,
+            pid=self.successorPid,
             reason=reason,
             generation=self.generation,
         )
         if successor is not None and successor.transport is not None:
             # Not now: we may be inside a responder (Abort) whose answer is still to be written.
             self.reactor.callLater(0, successor.transport.loseConnection)
-        self._tell("handoffAborted", self._successorPid, reason)
+        self.tell("handoffAborted", self.successorPid, reason)
 
     def handoffCommitted(self) -> None:
         # From here on the successor's confirmation is answered yes, even if a stop completed
         # the handoff before the confirmation arrived.
-        self._handedOver = True
-        successor = self._successor
+        self.handedOver = True
+        successor = self.successor
         now = time.monotonic()
         elapsed = (now - successor.openedAt) * 1000 if successor else 0.0
         self.log.info(
             "handoff to pid {pid} confirmed {ms:.1f} ms after it connected, {confirmMs:.1f} ms"
             " after we paused; draining",
-            pid=self._successorPid,
+            pid=self.successorPid,
             ms=elapsed,
-            confirmMs=(now - self._committedAt) * 1000,
+            confirmMs=(now - self.committedAt) * 1000,
             generation=self.generation,
             sessions=self.liveSessions(),
         )
         if self.settings.pidfile:
             # The successor owns the pidfile now; never remove it on our way out.
             self.settings.pidfile = ""
-        self._tell("handoffCommitted", self._successorPid)
+        self.tell("handoffCommitted", self.successorPid)
 
     def terminated(self) -> None:
         self.log.info(
@@ -658,18 +564,18 @@ class GracefulServer(service.Service):
             self._reportCall.cancel()
         self.draining.stop()
         self.upstream.stop()
-        link = self._successor
+        link = self.successor
         if link is not None and not getattr(link.transport, "disconnecting", True):
             # A last word (the machine is in the middle of this transition: name the state),
             # so that the serving generation knows how long we drained, and of the generations
             # still draining behind us (it remembers them once our link has gone).
-            entries = [self._ownEntry(state="terminated")] + self._drainingEntries()
+            entries = [self.ownEntry(state="terminated")] + self.drainingEntries()
             link.callRemote(control.ReportSessions, generations=entries)
         # Ports finish closing (and a last generation unlinks its paths) a moment later.
-        closed = DeferredList([d for d in self._closing if d is not None])
+        closed = self.listeners.closed()
         closed.addBoth(lambda _: self._terminated.callback(None))
-        if not self._stopping:
-            self._stopping = True
+        if not self.stopping:
+            self.stopping = True
             # Not now: we may be inside the responder whose answer is still to be written.
             self.reactor.callLater(0, self._exitAfterGoodbye)
 
@@ -678,17 +584,17 @@ class GracefulServer(service.Service):
         Stop the reactor once the successor link has flushed what we wrote to it (the answer to
         its L{control.Accepting} may still be in the buffer), or after a short while.
         """
-        link = self._successor
+        link = self.successor
         # Not link.connected: amp.AMP never sets it, so we never waited for the flush.
         if link is None or link.transport is None or getattr(link.transport, "disconnecting", True):
             self._terminated.addCallback(lambda _: self.reactor.stop())
             return
-        self._exitCall = self.reactor.callLater(2.0, self.reactor.stop)
+        self.exitCall = self.reactor.callLater(2.0, self.reactor.stop)
         link.transport.loseConnection()
 
     # -- sessions and reports ---------------------------------------------------------------
 
-    def _sessionsChanged(self) -> None:
+    def sessionsChanged(self) -> None:
         """
         Called on every accepted and every closed connection: keep it cheap.  Draining ends the
         moment the last session goes; reports and observers hear of changes at most every
@@ -701,19 +607,15 @@ class GracefulServer(service.Service):
 
     def _report(self) -> None:
         self._reportCall = None
-        self._tell("sessionsChanged")
-        successor = self._successor
+        self.tell("sessionsChanged")
+        successor = self.successor
         if successor is None or self.machine is None:
             return
-        entries = [self._ownEntry()] + self._drainingEntries()
+        entries = [self.ownEntry()] + self.drainingEntries()
         successor.callRemote(control.ReportSessions, generations=entries)
 
-    def _ownEntry(self, state: str | None = None) -> dict[str, Any]:
+    def ownEntry(self, state: str | None = None) -> dict[str, Any]:
         assert self.machine is not None
-        busiest = sorted(
-            (port for port in self.ports if port.sessions.count),
-            key=lambda port: -port.sessions.count,
-        )[:REPORT_LISTENERS]
         return {
             "pid": os.getpid(),
             "generation": self.generation,
@@ -722,11 +624,11 @@ class GracefulServer(service.Service):
             "since": None
             if self._drainingSince is None
             else time.monotonic() - self._drainingSince,
-            "listeners": [{"name": p.name, "sessions": p.sessions.count} for p in busiest],
+            "listeners": self.listeners.busiest(),
             "workers": self.workerEntries() if self.workers is not None else None,
         }
 
-    def _drainingEntries(self) -> list[dict[str, Any]]:
+    def drainingEntries(self) -> list[dict[str, Any]]:
         return fitEntries(self.draining.entries())
 
     def drainingGenerations(self) -> int:
@@ -749,7 +651,7 @@ class GracefulServer(service.Service):
         """
         Report our sessions on C{link} (to the serving generation, our successor having gone).
         """
-        self._successor = link
+        self.successor = link
         if self._reportCall is not None and self._reportCall.active():
             self._reportCall.cancel()
         self._reportCall = self.reactor.callLater(0, self._report)
@@ -758,223 +660,7 @@ class GracefulServer(service.Service):
         """
         Whether we drain after a handoff (and so report our sessions to whoever serves).
         """
-        return self._draining and self._handedOver and not self._stopping
-
-    # -- IControlHandler --------------------------------------------------------------------
-
-    def connectionOpened(self, protocol: ControlProtocol) -> None:
-        pass
-
-    def connectionClosed(self, protocol: ControlProtocol, reason: Failure) -> None:
-        if self.draining.linkClosed(protocol):
-            if self.machine is not None:
-                # (A takeover that failed before serving closes this link too: no news then.)
-                self.log.info("a draining predecessor has gone")
-            # Pass the news on if we are draining ourselves.
-            self._sessionsChanged()
-        if protocol is self._successor and self.machine is not None:
-            self.machine.successorLost("the successor disconnected")
-            self._successor = None
-            if self._exitCall is not None and self._exitCall.active():
-                self._exitCall.cancel()
-                self.reactor.stop()
-            elif self.stillReporting():
-                # Whoever serves now hears from us directly.
-                self.upstream.lost()
-
-    def hello(self, protocol: ControlProtocol, version: int, pid: int) -> dict[str, Any]:
-        try:
-            return self._hello(protocol, version, pid)
-        except (HandoffBusy, VersionMismatch):
-            self.figures.count("refused")
-            raise
-
-    def _hello(self, protocol: ControlProtocol, version: int, pid: int) -> dict[str, Any]:
-        if self.draining.isLink(protocol):
-            # Our own Hello came back on the link we took over on: whatever answers there (an
-            # echo server, say) is no graceful server.
-            raise NoHandoff("a Hello arrived on a successor's own handoff link")
-        if version != PROTOCOL_VERSION:
-            raise VersionMismatch(
-                f"this server speaks control protocol {PROTOCOL_VERSION}, the successor {version}"
-            )
-        if self.machine is None or self._successor is not None:
-            raise HandoffBusy("handoff already in progress")
-        draining = self.drainingGenerations()
-        if draining >= self.settings.maxDraining:
-            raise HandoffBusy(
-                f"{draining} generation(s) still draining (--max-draining"
-                f" {self.settings.maxDraining}); try again when they have finished"
-            )
-        if protocol.peer is not None and protocol.peer[0] != pid:
-            self.log.warn(
-                "successor says it is pid {claimed} but its socket belongs to pid {actual}",
-                claimed=pid,
-                actual=protocol.peer[0],
-            )
-        self._successorPid = pid
-        self._successor = protocol
-        if not self.machine.requestHandoff():
-            self._successor = None
-            raise HandoffBusy(f"handoff already in progress or server {self.machine.describe()}")
-        return {
-            "version": PROTOCOL_VERSION,
-            "pid": os.getpid(),
-            "generation": self.generation,
-            "workers": max(self.settings.workers, 1),
-        }
-
-    def _requireSuccessor(self, protocol: ControlProtocol) -> GenerationInputs:
-        if protocol is not self._successor or self.machine is None:
-            raise NoHandoff("no handoff in progress on this connection; send Hello first")
-        return self.machine
-
-    def takeOver(self, protocol: ControlProtocol, start: int) -> dict[str, Any]:
-        self._requireSuccessor(protocol)
-        ports = self._allPorts()
-        # Sized by encoded bytes (one AMP value), whatever the lengths of paths and specs.
-        batch = control.takeoverBatch(
-            [
-                {
-                    "name": port.name,
-                    "kind": port.kind,
-                    "address": portAddress(port),
-                    "fd": port.fileno(),
-                    "spec": _specText(port),
-                    "role": getattr(port, "role", "") or None,
-                }
-                for port in ports[start : start + TAKEOVER_BATCH]
-            ]
-        )
-        nextStart = start + len(batch)
-        return {"listeners": batch, "next": nextStart if nextStart < len(ports) else -1}
-
-    def commit(
-        self, protocol: ControlProtocol, dropped: list[str] | None = None
-    ) -> Deferred[dict[str, Any]]:
-        self._requireSuccessor(protocol)
-        # A newer generation takes over: the one standing by for us will not be needed, and
-        # must not resume should we die before our successor confirms.  It hears so (briefly
-        # awaited) before we pause, so that the wait costs nothing of the confirm window.
-        told = tellStandDown(
-            self.draining.links(),
-            f"generation {self.generation + 1} (pid {self._successorPid}) takes over from"
-            f" generation {self.generation}",
-            self.reactor,
-        )
-        asked = self.reactor.seconds()
-        return told.addCallback(lambda _: self._commitNow(protocol, dropped, asked))
-
-    def _commitNow(self, protocol: ControlProtocol, dropped: list[str] | None, asked: float) -> Any:
-        machine = self._requireSuccessor(protocol)
-        # Listeners the successor does not keep: closed for good once it accepts.
-        self._dropped = set(dropped or [])
-        if not machine.commit():
-            raise NoHandoff(f"nothing to commit: server {machine.describe()}")
-        self._committedAt = time.monotonic()
-        self.log.info(
-            "handoff to pid {pid} committed {ms:.1f} ms after it connected; paused accepting",
-            pid=self._successorPid,
-            ms=(self._committedAt - protocol.openedAt) * 1000,
-            generation=self.generation,
-        )
-        answer = {
-            "confirmWithin": self.settings.confirmTimeout,
-            "waited": self.reactor.seconds() - asked,
-        }
-        workers = self.workers
-        if workers is None or not workers.active:
-            self._tell("handoffPaused", self._successorPid)
-            return answer
-
-        # At most one generation accepts: answer only once every worker has paused too.
-        def paused(_: object) -> dict[str, Any]:
-            self.log.info("every worker paused", generation=self.generation)
-            self._tell("handoffPaused", self._successorPid)
-            return answer
-
-        def notPaused(failure: Failure) -> dict[str, Any]:
-            reason = f"a worker did not pause: {failure.getErrorMessage()}"
-            if self.machine is not None:
-                self.machine.successorLost(reason)
-            raise NoHandoff(f"the handoff was rolled back: {reason}")
-
-        return workers.pause().addCallbacks(paused, notPaused)
-
-    def accepting(self, protocol: ControlProtocol) -> dict[str, Any]:
-        if protocol is not self._successor or self.machine is None:
-            raise RolledBack("the handoff was rolled back; the predecessor serves on")
-        if self.machine.successorAccepting():
-            if not protocol.sendsStandDown:
-                # An older successor never says when it stops: standing by for it could resume
-                # a service the operator stopped.
-                self.log.info(
-                    "not standing by: the successor (an older version) does not send StandDown"
-                )
-                self.machine.standDown()
-        elif not self._handedOver:
-            raise RolledBack(f"the handoff was rolled back: server {self.machine.describe()}")
-        return {}
-
-    def standDown(self, protocol: ControlProtocol, reason: str) -> dict[str, Any]:
-        if protocol is self._successor and self.machine is not None:
-            self.log.info(
-                "no longer standing by: {reason}", reason=reason, generation=self.generation
-            )
-            self.machine.standDown()
-        return {}
-
-    def abort(self, protocol: ControlProtocol, reason: str) -> dict[str, Any]:
-        machine = self._requireSuccessor(protocol)
-        machine.successorLost(f"the successor gave up: {reason}")
-        return {}
-
-    def reportSessions(self, protocol: ControlProtocol, generations: list[dict[str, Any]]) -> None:
-        # From our predecessor's link, or from a generation draining further behind that
-        # connected to us directly once the generation it reported to had gone.  (AMP fills an
-        # optional field it did not get with None: drop those, as never said.)
-        self.draining.report(
-            protocol,
-            [
-                {key: value for key, value in entry.items() if value is not None}
-                for entry in generations
-            ],
-        )
-        # Pass the news on if we are draining ourselves.
-        self._sessionsChanged()
-
-    def status(self, protocol: ControlProtocol, start: int = 0) -> dict[str, Any]:
-        ports = [port for port in self.ports if port.connected]
-        connections = self.figures.connections(self.ports)
-        batch = ports[start : start + control.STATUS_BATCH]
-        nextStart = start + len(batch)
-        return {
-            "version": PROTOCOL_VERSION,
-            "pid": os.getpid(),
-            "generation": self.generation,
-            "state": self.machine.describe() if self.machine is not None else "starting",
-            "uptime": time.monotonic() - self.startedAt,
-            "listeners": [
-                {
-                    "name": port.name,
-                    "kind": port.kind,
-                    "address": portAddress(port),
-                    "accepting": port.accepting,
-                    "sessions": port.sessions.count,
-                    "connections": connections.get(port.name, 0),
-                }
-                for port in batch
-            ],
-            "draining": self._drainingEntries(),
-            "next": nextStart if nextStart < len(ports) else -1,
-            "drainingGenerations": self.drainingGenerations(),
-            "workers": self.workerEntries(),
-            **self.figures.totals(),
-        }
-
-    def counters(self, protocol: ControlProtocol, start: int) -> dict[str, Any]:
-        self._requireSuccessor(protocol)
-        return self.figures.batch(self._allPorts(), start)
+        return self._draining and self.handedOver and not self.stopping
 
     def workerEntries(self) -> list[dict[str, Any]]:
         """
@@ -983,45 +669,8 @@ class GracefulServer(service.Service):
         own = {
             "index": 0,
             "pid": os.getpid(),
-            "sessions": sum(port.sessions.count for port in self.ports),
+            "sessions": self.listeners.sessions(),
             "restarts": 0,
             "uptime": time.monotonic() - self.startedAt,
         }
         return [own] + (self.workers.describe() if self.workers is not None else [])
-
-    def stop(self, protocol: ControlProtocol, drainTimeout: float | None) -> dict[str, Any]:
-        self.reactor.callLater(0, self.stopGracefully, drainTimeout)
-        return {}
-
-    def restart(
-        self, protocol: ControlProtocol, progress: bool, fresh: bool = False
-    ) -> Deferred[dict[str, Any]]:
-        def report(phase: str, ms: float, detail: str) -> None:
-            # (AMP never sets Protocol.connected: look at the transport.)
-            transport = protocol.transport
-            if transport is not None and not getattr(transport, "disconnecting", True):
-                protocol.callRemote(control.RestartProgress, phase=phase, ms=ms, detail=detail)
-
-        self.log.info(
-            "restart requested over the control socket{fresh}",
-            fresh=" (with a fresh fork server)" if fresh else "",
-            generation=self.generation,
-        )
-        return self.restarter.start(report if progress else None, fresh=fresh)
-
-
-def _specText(port: Any) -> str | None:
-    """
-    A listener as a --port value, for a successor that names no listeners of its own.
-    """
-    spec = getattr(port, "spec", None)
-    return spec.text if spec is not None else None
-
-
-def maybeReady(ready: Callable[[], Any] | None) -> Deferred[Any]:
-    """
-    Wait for an application's readiness hook, if it has one.
-    """
-    if ready is None:
-        return succeed(None)
-    return maybeDeferred(ready)

@@ -12,15 +12,17 @@ from typing import Any
 from twisted.application import service
 from twisted.python import usage
 
-from graceful_plugin import pidfile
+from graceful_plugin import pidfile, process
+from graceful_plugin.apps import ApplicationError, loadApplication
 from graceful_plugin.control import MAX_SECONDS
-from graceful_plugin.lifecycle import SystemdNotifications
-from graceful_plugin.listeners import ListenerSpec, parseListener
+from graceful_plugin.lifecycle import SystemdNotifications, activatedSockets, planActivation
+from graceful_plugin.listeners import ListenerSpec, parseListener, raiseFileLimit
 from graceful_plugin.logfile import SharedLogService
-from graceful_plugin.restart import restartCommand
+from graceful_plugin.metrics import MetricsUnavailable, parseMetrics, requirePrometheus
+from graceful_plugin.restart import parseRestartCommand, restartCommand
 from graceful_plugin.server import GracefulServer, Settings
 from graceful_plugin.systemd import Notifier
-from graceful_plugin.takeover import lowerPriority
+from graceful_plugin.web import demoSite
 
 
 def _positiveSeconds(name: str) -> Any:
@@ -118,8 +120,6 @@ class Options(usage.Options):
         like a shell would, run without one); it must itself take over with --takeover.
         Default: this process's own command line plus --takeover CONTROL.
         """
-        from graceful_plugin.restart import parseRestartCommand
-
         try:
             self["restart-command"] = parseRestartCommand(command)
         except ValueError as e:
@@ -130,6 +130,10 @@ class Options(usage.Options):
 
     #: Set once parsing failed: twistd then prints our usage before the error's sentence.
     _failed = False
+
+    #: Runs a successor's start-up at idle priority (a test gives its own, so that the test
+    #: process keeps its scheduling).
+    lowerPriority = staticmethod(process.lowerPriority)
 
     def parseOptions(self, options: Any = None) -> None:
         try:
@@ -186,8 +190,6 @@ class Options(usage.Options):
         Serve Prometheus metrics on this listener (tcp or unix, as --port: tcp:9100:interface=
         127.0.0.1), from the serving generation; a successor without --metrics keeps it.
         """
-        from graceful_plugin.metrics import MetricsUnavailable, parseMetrics, requirePrometheus
-
         try:
             requirePrometheus()
             self["metrics"] = parseMetrics(spec)
@@ -236,8 +238,6 @@ class Options(usage.Options):
         self._application("path", directory)
 
     def _loadApplication(self) -> None:
-        from graceful_plugin.apps import ApplicationError, loadApplication
-
         if self["application"] is not None:
             kind, name = self["application"]
             try:
@@ -281,9 +281,11 @@ class Options(usage.Options):
             parent["pidfile"] = ""
         if self["takeover"]:
             _checkControlSocket(self["control"])
-            lowerPriority()
-            # Our own application, imported before we connect: a bad one never disturbs the
-            # serving process.
+            # Our own application, imported before we connect: a bad one is a usage error and
+            # never disturbs the serving process.  Its import is the bulk of our start-up, so
+            # it runs at idle priority (the one process effect here: loading the application
+            # is what checks it, and twistd turns only postOptions' errors into sentences).
+            self.lowerPriority()
             self._loadApplication()
             return
         self["activated"] = _activatedSockets()
@@ -324,8 +326,6 @@ def _activatedSockets() -> list[Any]:
     """
     The listening sockets systemd passed us (socket activation), if any.
     """
-    from graceful_plugin.lifecycle import activatedSockets
-
     try:
         return activatedSockets()
     except ValueError as e:
@@ -337,8 +337,6 @@ def _checkActivation(ports: list[ListenerSpec], activated: list[Any]) -> None:
     Refuse, with a sentence, a socket systemd passed under a listener's name that the listener
     cannot serve.
     """
-    from graceful_plugin.lifecycle import planActivation
-
     if ports and activated:
         try:
             planActivation(ports, activated)
@@ -382,9 +380,6 @@ def makeService(options: Options) -> service.IService:
     The graceful server for C{options}, serving the application it names (the demo application
     when it names none).
     """
-    from graceful_plugin.listeners import raiseFileLimit
-    from graceful_plugin.web import demoSite
-
     raiseFileLimit()
     settings = Settings(
         listeners=list(options["ports"]),
@@ -419,6 +414,7 @@ def makeService(options: Options) -> service.IService:
     top = SharedLogService(server.twistdConfig)
     server.setServiceParent(top)
     if settings.workers != 1:
+        # (Start-up cost: only a generation with workers loads their supervision.)
         from graceful_plugin.workerspawn import WorkerSupervisor
 
         application = list(options["application"]) if options["application"] else None

@@ -14,46 +14,12 @@ from typing import Any
 
 from twisted.internet.interfaces import IPullProducer
 from twisted.internet.protocol import connectionDone
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, pages, resource, server
 from zope.interface import implementer
 
+from graceful_plugin.drainhooks import DrainCallbacks
 from graceful_plugin.sessions import IDrainable, IInFlight
-
-_log = Logger()
-
-
-class DrainCallbacks:
-    """
-    Callbacks an application registers (with L{whenDraining}) on the connection that carries a
-    long response, called once when the connection's generation starts draining.
-    """
-
-    _drainCallbacks: list[Callable[[], object]] | None = None
-    _drainFired = False
-
-    def addDrainCallback(self, callback: Callable[[], object]) -> None:
-        """
-        Call C{callback} when draining starts, or now if it has.
-        """
-        if self._drainFired:
-            callback()
-            return
-        if self._drainCallbacks is None:
-            self._drainCallbacks = []
-        self._drainCallbacks.append(callback)
-
-    def _fireDrainCallbacks(self) -> None:
-        if self._drainFired:
-            return
-        self._drainFired = True
-        callbacks, self._drainCallbacks = self._drainCallbacks or [], None
-        for callback in callbacks:
-            try:
-                callback()
-            except Exception:
-                _log.failure("a drain callback failed")
 
 
 def whenDraining(request: Any, callback: Callable[[], object]) -> None:

@@ -155,7 +155,7 @@ class ControlTestCase(SynchronousTestCase):
         A client control connection to the server.
         """
         client = ControlProtocol(handler or ClientHandler())
-        serverSide = ControlProtocol(self.server)
+        serverSide = ControlProtocol(self.server.responder)
 
         def serverTransport(p: Any) -> FDTransport:
             t = FDTransport(p, True, client)
@@ -196,7 +196,7 @@ class ControlTestCase(SynchronousTestCase):
         return self.call(pump, client, Hello, version=PROTOCOL_VERSION, pid=4242)
 
     def state(self) -> str:
-        return self.server.status(None)["state"]  # type: ignore[arg-type]
+        return self.server.responder.status(None)["state"]  # type: ignore[arg-type]
 
     def takeAll(self, pump: IOPump, client: ControlProtocol) -> list[dict[str, Any]]:
         received: list[dict[str, Any]] = []
@@ -212,13 +212,13 @@ class ControlTestCase(SynchronousTestCase):
 class InterfaceTests(SynchronousTestCase):
     def test_providers(self) -> None:
         """
-        The server provides IControlHandler and IGenerationEffects, the client handler
-        IControlHandler.
+        The server's responder provides IControlHandler and the server IGenerationEffects, the
+        client handler IControlHandler.
         """
         server = GracefulServer(
             Settings(listeners=[], controlPath="x"), Factory(), reactor=MemoryReactorClock()
         )
-        self.assertTrue(verifyObject(IControlHandler, server))
+        self.assertTrue(verifyObject(IControlHandler, server.responder))
         self.assertTrue(verifyObject(IGenerationEffects, server))
         self.assertTrue(verifyObject(IControlHandler, ClientHandler()))
 
@@ -431,7 +431,7 @@ class CommitTests(ControlTestCase):
         self.assertTrue(self.web.accepting)
         self.assertEqual(self.state(), "serving")
         self.assertTrue(self.transports[-1].disconnecting)
-        self.assertRaises(RolledBack, self.server.accepting, serverSide)
+        self.assertRaises(RolledBack, self.server.responder.accepting, serverSide)
         self.fail_(pump, client, Accepting).trap(ConnectionDone)
         self.assertEqual(self.state(), "serving")
 
@@ -564,17 +564,17 @@ class StatusTests(ControlTestCase):
         our Status until that link closes.
         """
         # Here the server is the successor: its end of the link is the client side.
-        link = ControlProtocol(self.server)
+        link = ControlProtocol(self.server.responder)
         predecessor = ControlProtocol(ClientHandler())
         c, p, pump = connectedServerAndClient(lambda: predecessor, lambda: link)
         self.server.adoptPredecessorLink(link)
         entries = [{"pid": 7, "generation": 0, "state": "draining", "sessions": 3}]
         predecessor.callRemote(ReportSessions, generations=entries)
         pump.flush()
-        self.assertEqual(self.server.status(link)["draining"], entries)
+        self.assertEqual(self.server.responder.status(link)["draining"], entries)
         predecessor.transport.loseConnection()
         pump.flush()
-        self.assertEqual(self.server.status(link)["draining"], [])
+        self.assertEqual(self.server.responder.status(link)["draining"], [])
 
     def test_clientHandlerRefusesCommands(self) -> None:
         """

@@ -195,7 +195,7 @@ class ServerViewTests(ControlTestCase):
         older = _ClosedLink()
         self.server.draining.alive = lambda pid: True
         self.server.adoptPredecessorLink(older)  # type: ignore[arg-type]
-        self.server.reportSessions(older, [entry(5, 0, 1)])  # type: ignore[arg-type]
+        self.server.responder.reportSessions(older, [entry(5, 0, 1)])  # type: ignore[arg-type]
         reports: list[list[dict[str, Any]]] = []
 
         session = object()

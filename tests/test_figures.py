@@ -146,7 +146,7 @@ class CountersTests(ControlTestCase):
         successor, _, pump = self.connect()
         self.hello(pump, successor)
         self.call(pump, successor, Abort, reason="no")
-        status = self.server.status(None, 0)  # type: ignore[arg-type]
+        status = self.server.responder.status(None, 0)  # type: ignore[arg-type]
         self.assertEqual(
             {h["outcome"]: h["total"] for h in status["handoffs"]},
             {"committed": 0, "rolled_back": 1, "refused": 0},

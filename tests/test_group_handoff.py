@@ -198,7 +198,7 @@ class GroupSessionsTests(GroupTestCase):
         self.workers[0].report(2)
         self.workers[1].report(3)
         self.assertEqual(self.server.liveSessions(), 6)
-        entries = self.server.status(None, 0)["workers"]  # type: ignore[arg-type]
+        entries = self.server.responder.status(None, 0)["workers"]  # type: ignore[arg-type]
         self.assertEqual([e["sessions"] for e in entries], [1, 2, 3])
         self.assertEqual([e["pid"] for e in entries[1:]], [w.pid for w in self.workers])
 
@@ -230,7 +230,7 @@ class DrainingGroupTests(GroupTestCase):
         from graceful_plugin.control import ClientHandler, ControlProtocol, ReportSessions
 
         self.workers[0].report(2)
-        entry = self.server._ownEntry()
+        entry = self.server.ownEntry()
         self.assertEqual(entry["sessions"], 2)
         self.assertEqual(
             [w["pid"] for w in entry["workers"]], [os.getpid()] + [w.pid for w in self.workers]
@@ -238,14 +238,14 @@ class DrainingGroupTests(GroupTestCase):
         # As another process would report it (a report naming our own pid is never listed).
         entry = dict(entry, pid=os.getppid())
         successor = GracefulServer(self.settings, Factory(), reactor=self.reactor)
-        link = ControlProtocol(successor)
+        link = ControlProtocol(successor.responder)
         predecessor = ControlProtocol(ClientHandler())
         c, p, pump = connectedServerAndClient(lambda: predecessor, lambda: link)
         successor.adoptPredecessorLink(link)
         single = {"pid": 7, "generation": 0, "state": "draining", "sessions": 1}
         predecessor.callRemote(ReportSessions, generations=[entry, single])
         pump.flush()
-        draining = successor.status(link, 0)["draining"]
+        draining = successor.responder.status(link, 0)["draining"]
         self.assertEqual([len(e.get("workers", [])) for e in draining], [3, 0])
         self.assertEqual(draining[1], single)
 

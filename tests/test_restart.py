@@ -67,12 +67,12 @@ class FakeServer:
         self.generation = 3
         self.sessions = 2
         self.draining: list[dict[str, Any]] = []
-        self._stopping = False
+        self.stopping = False
 
     def liveSessions(self) -> int:
         return self.sessions
 
-    def _drainingEntries(self) -> list[dict[str, Any]]:
+    def drainingEntries(self) -> list[dict[str, Any]]:
         return self.draining
 
     def drainingGenerations(self) -> int:
@@ -383,7 +383,7 @@ class SystemdNotificationsTests(SynchronousTestCase):
         """
         self.observer.handoffAborted(self.server, 77, "gone")
         self.assertEqual(self.notifier.sent[-1]["READY"], "1")
-        self.server._stopping = True
+        self.server.stopping = True
         self.observer.handoffAborted(self.server, 78, "stopping")
         self.assertEqual(len(self.notifier.sent), 1)
 

@@ -266,7 +266,7 @@ class ControlPathTests(StandbyTestCase):
 
 class TellingTests(StandbyTestCase):
     def predecessorLink(self) -> tuple[_Predecessor, Any]:
-        link = ControlProtocol(self.server)
+        link = ControlProtocol(self.server.responder)
         predecessor = _Predecessor()
         _, _, pump = connectedServerAndClient(lambda: predecessor, lambda: link)
         self.server.adoptPredecessorLink(link)

@@ -16,11 +16,14 @@ from twisted.scripts.twistd import ServerOptions
 from graceful_plugin.tap import Options
 
 
-def parse(args: list[str], cwd: Path | None = None) -> Options:
+def parse(args: list[str], cwd: Path | None = None, lowered: list[str] | None = None) -> Options:
     """
-    Parse C{args} as ``twistd graceful``'s options (without twistd's own).
+    Parse C{args} as ``twistd graceful``'s options (without twistd's own); a takeover's
+    lowering of the priority is recorded in C{lowered}, never done to this test process.
     """
     options = Options()
+    record = lowered if lowered is not None else []
+    options.lowerPriority = lambda: record.append("lowered")  # type: ignore[method-assign]
     if cwd is None:
         options.parseOptions(args)
         return options
@@ -126,16 +129,19 @@ def test_takeoverStaleSocket(workdir: Path) -> None:
 
 def test_takeoverSetsControlPath(workdir: Path) -> None:
     """
-    --takeover PATH (relative) makes PATH, absolute, the control path, and needs no --port.
+    --takeover PATH (relative) makes PATH, absolute, the control path, and needs no --port;
+    the successor's start-up is then lowered to idle priority, once.
     """
     path = workdir / "c.sock"
     live = socket.socket(socket.AF_UNIX)
     live.bind(str(path))
     live.listen(1)
+    lowered: list[str] = []
     try:
-        options = parse(["--takeover", "c.sock"], cwd=workdir)
+        options = parse(["--takeover", "c.sock"], cwd=workdir, lowered=lowered)
     finally:
         live.close()
+    assert lowered == ["lowered"]
     assert options["takeover"] == "c.sock"
     assert options["control"] == str(path)
     assert options["ports"] == []

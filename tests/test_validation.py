@@ -102,7 +102,7 @@ class IndexValidationTests(ControlTestCase):
 
         from graceful_plugin.control import ClientHandler, ControlProtocol
 
-        link = ControlProtocol(self.server)
+        link = ControlProtocol(self.server.responder)
         predecessor = ControlProtocol(ClientHandler())
         c, p, pump = connectedServerAndClient(lambda: predecessor, lambda: link)
         self.server.adoptPredecessorLink(link)
@@ -115,7 +115,7 @@ class IndexValidationTests(ControlTestCase):
         ):
             predecessor.callRemote(ReportSessions, generations=bad)
             pump.flush()
-        self.assertEqual(self.server.status(link)["draining"], good)
+        self.assertEqual(self.server.responder.status(link)["draining"], good)
 
 
 def test_badArgumentIsAnAmpError() -> None:
