@@ -29,6 +29,7 @@ from graceful_plugin.control import (
     TAKEOVER_BATCH,
     ControlProtocol,
     HandoffBusy,
+    IConnectionAdopter,
     IControlHandler,
     NoHandoff,
     RestartFailed,
@@ -38,6 +39,7 @@ from graceful_plugin.control import (
 from graceful_plugin.controlconn import DEFAULT_CAP, DEFAULT_IDLE_TIMEOUT, ControlConnections
 from graceful_plugin.draining import DrainingView, Upstream, fitEntries
 from graceful_plugin.figures import Figures
+from graceful_plugin.handover import HandoverSender, adoptHandedOver
 from graceful_plugin.listeners import (
     AdoptedTCPPort,
     AdoptedUNIXPort,
@@ -110,7 +112,7 @@ class TakeoverFailed(Exception):
     """
 
 
-@implementer(IGenerationEffects, IControlHandler)
+@implementer(IGenerationEffects, IControlHandler, IConnectionAdopter)
 class GracefulServer(service.Service):
     """
     One generation of a graceful server.
@@ -581,8 +583,12 @@ class GracefulServer(service.Service):
             pid=os.getpid(),
             drainTimeout=self.settings.drainTimeout,
         )
+        offer = None
+        if self._handedOver and self._successor is not None:
+            # Idle HTTP/1.x connections move to the successor instead of closing (handover.py).
+            offer = HandoverSender(self._successor, lambda: self._draining).offer
         for port in self.ports:
-            port.sessions.drain()
+            port.sessions.drain(offer)
         if self._successor is not None:
             # Report at once (not inside this transition: the report asks the machine), so
             # the successor's status shows us draining from its first moments.
@@ -921,6 +927,15 @@ class GracefulServer(service.Service):
         machine = self._requireSuccessor(protocol)
         machine.successorLost(f"the successor gave up: {reason}")
         return {}
+
+    def adoptConnection(
+        self, protocol: ControlProtocol, listener: str, address: str, fd: int
+    ) -> None:
+        # IConnectionAdopter: a connection our draining predecessor hands over (handover.py).
+        if not self.draining.isLink(protocol) or self.machine is None:
+            os.close(fd)
+            raise NoHandoff("only a draining predecessor hands connections over")
+        adoptHandedOver(self.ports, listener, address, fd)
 
     def reportSessions(self, protocol: ControlProtocol, generations: list[dict[str, Any]]) -> None:
         # From our predecessor's link, or from a generation draining further behind that
