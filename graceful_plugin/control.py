@@ -264,11 +264,13 @@ class StandDown(amp.Command):
 class AdoptConnection(amp.Command):
     """
     A draining predecessor hands its successor one idle HTTP/1.x connection (plain TCP or Unix,
-    between requests, nothing of a request received) of the listener at C{address}: C{fd} is a
-    duplicate of its descriptor.  The successor serves it on its own port of that listener, as
-    if it had accepted it, and answers once it has; the predecessor then drops its copy without
-    a word to the client (L{graceful_plugin.handover}).  An addition to protocol version 1: an
-    older successor answers UNHANDLED, and the predecessor closes the connection politely.
+    between requests, nothing of a request received) accepted on its listener C{listener}:
+    C{fd} is a duplicate of its descriptor, C{address} its local address (for messages).  The
+    successor serves it on its own port of that listener (the one whose socket has the
+    connection's local address), as if it had accepted it, and answers once it has; the
+    predecessor then drops its copy without a word to the client (L{graceful_plugin.handover}).
+    An addition to protocol version 1: an older successor answers UNHANDLED, and the
+    predecessor closes the connection politely.
     """
 
     arguments = [
@@ -288,8 +290,9 @@ class IConnectionAdopter(Interface):
 
     def adoptConnection(protocol: ControlProtocol, listener: str, address: str, fd: int) -> None:
         """
-        Serve the connected socket C{fd} on the listener at C{address} (named C{listener} by
-        the sender), or raise L{NoHandoff} or L{BadArgument}; C{fd} is closed either way.
+        Serve the connected socket C{fd} (accepted on the sender's listener C{listener}, its
+        local address C{address}) on our port of that listener, or raise L{NoHandoff} or
+        L{BadArgument}; C{fd} is closed either way.
         """
 
 

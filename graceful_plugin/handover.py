@@ -25,8 +25,9 @@ Two sides:
 
 TLS connections are never handed over: their TLS state lives in this process.  Nor are HTTP/2
 connections (they get GOAWAY), connections switched to another protocol (a WebSocket gets its
-Close), those with a request in progress (answered with C{Connection: close}), or connections of
-a worker process (they drain as before).
+Close), or those with a request in progress (answered with C{Connection: close}).  A worker
+process of a generation (C{--workers}) hands its idle connections to its leader, which passes
+them on to the successor (L{relay}).
 """
 
 from __future__ import annotations
@@ -38,14 +39,13 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.error import ConnectionClosed, ConnectionDone
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
-from graceful_plugin.control import AdoptConnection, BadArgument, ControlProtocol
-from graceful_plugin.listeners import portAddress
+from graceful_plugin.control import AdoptConnection, BadArgument, NoHandoff
 from graceful_plugin.sessions import IHandOver
 
 #: The listener kinds whose connections can move to another process (no TLS state in ours).
@@ -127,21 +127,19 @@ class HandoverSender:
 
     def __init__(
         self,
-        link: ControlProtocol,
+        link: amp.AMP,
         draining: Callable[[], bool],
         window: int = WINDOW,
-        address: Callable[[Any], str] | None = None,
     ) -> None:
         """
-        @param link: the control link to the successor, which confirmed it accepts.
+        @param link: the control link to the successor, which confirmed it accepts (or a
+            worker's link to its leader, which passes each connection on).
         @param draining: whether this generation still drains (a connection that cannot be
             handed over is drained politely then; after a resume it is simply served on).
-        @param address: a listening port's address as L{AdoptConnection} names it.
         """
         self.link = link
         self.draining = draining
         self.window = window
-        self._address = address or portAddress
         self._queue: deque[Any] = deque()
         self._inFlight = 0
         self._proven = False
@@ -199,7 +197,7 @@ class HandoverSender:
             self.link.callRemote,
             AdoptConnection,
             listener=port.name,
-            address=self._address(port),
+            address=localAddress(transport),
             fd=fd,
         )
 
@@ -228,8 +226,9 @@ class HandoverSender:
                     " connections politely"
                 )
             self._refused = True
-        elif failure.check(ConnectionClosed):
-            # Nothing more can go: the rest is drained here.
+        elif failure.check(ConnectionClosed, NoHandoff):
+            # Nothing more can go (the link is lost, or the other end takes no connections now:
+            # a leader whose successor has gone): the rest is drained here.
             self._refused = True
         elif not self._warned:
             self._warned = True
@@ -253,11 +252,35 @@ class HandoverSender:
             transport.server.sessions.drainOne(transport)
 
 
-def connectedSocketProblem(fd: int, port: Any) -> str | None:
+def relay(link: amp.AMP | None, listener: str, address: str, fd: int) -> Deferred[Any]:
     """
-    What is wrong with C{fd} as a connection of the listening C{port}, in words; L{None} when
-    it is a connected stream socket of the port's family whose local end is the port's address.
-    C{fd} is left open.
+    The leader's part for a worker's connection (C{--workers}): pass C{fd}, which the worker
+    handed over, on to the successor on C{link}, and answer as the successor did.  C{fd} is
+    closed once the successor answered (or at once, without a successor).  Whatever keeps the
+    successor from taking connections at all (none, an older version, a lost link) is
+    L{NoHandoff}, so that the worker stops offering them.
+    """
+    if link is None:
+        os.close(fd)
+        return fail(NoHandoff("no successor takes connections now"))
+    d: Deferred[Any] = maybeDeferred(
+        link.callRemote, AdoptConnection, listener=listener, address=address, fd=fd
+    )
+
+    def answered(result: object) -> object:
+        os.close(fd)
+        if isinstance(result, Failure) and result.check(amp.UnhandledCommand, ConnectionClosed):
+            reason = f"the successor takes no connections ({result.type.__name__})"
+            return Failure(NoHandoff(reason))
+        return result
+
+    return d.addBoth(answered).addCallback(lambda _: {})
+
+
+def connectionProblem(fd: int) -> str | None:
+    """
+    What is wrong with C{fd} as a connection, in words; L{None} when it is a connected stream
+    socket (not a listening one).  C{fd} is left open.
     """
     try:
         if not stat.S_ISSOCK(os.fstat(fd).st_mode):
@@ -268,56 +291,65 @@ def connectedSocketProblem(fd: int, port: Any) -> str | None:
     with probe:
         if probe.type != socket.SOCK_STREAM:
             return "it is not a stream socket"
-        family = port.socket.family
-        if probe.family != family:
-            return f"it is a {probe.family.name} socket, the listener {family.name}"
         if probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            return "it is a listening socket, not a connection"
+            return "it is a listening socket"
         try:
             probe.getpeername()
-            local = probe.getsockname()
         except OSError as e:
             return f"it is not connected ({e.strerror})"
-        listening = port.socket.getsockname()
-        if family == socket.AF_UNIX:
-            if local != listening:
-                return f"its local address {local!r} is not the listener's {listening!r}"
-        elif local[1] != listening[1]:
-            return f"its local port {local[1]} is not the listener's {listening[1]}"
     return None
 
 
-def adoptHandedOver(
-    ports: Iterable[Any],
-    listener: str,
-    address: str,
-    fd: int,
-    addressOf: Callable[[Any], str] | None = None,
-) -> Any:
+def _accepts(port: Any, family: int, local: Any) -> bool:
     """
-    The successor's side: serve the connection C{fd}, handed over by the predecessor, on our
-    port of the listener at C{address} (named C{listener} there), as if that port had accepted
-    it.  C{fd} is closed in every case.
+    Whether a connection of C{family} whose local end is C{local} can have been accepted on the
+    listening C{port}: the same family, and the port's path (Unix), or its port number and its
+    address or a wildcard one (TCP).
+    """
+    sock = getattr(port, "socket", None)
+    if sock is None or sock.family != family:
+        return False
+    listening = sock.getsockname()
+    if family == socket.AF_UNIX:
+        return bool(local == listening)
+    return bool(local[1] == listening[1] and listening[0] in (local[0], "0.0.0.0", "::"))
+
+
+def portFor(ports: Iterable[Any], fd: int) -> Any:
+    """
+    The plain TCP or Unix listening port among C{ports} that the connection C{fd} belongs to
+    (found by its local end, which is the listener's: the connection was accepted on the very
+    socket we adopted), or L{None}.
+    """
+    probe = socket.socket(fileno=os.dup(fd))
+    with probe:
+        family, local = probe.family, probe.getsockname()
+    for port in ports:
+        if port.kind in KINDS and port.connected and _accepts(port, family, local):
+            return port
+    return None
+
+
+def adoptHandedOver(ports: Iterable[Any], listener: str, address: str, fd: int) -> Any:
+    """
+    The successor's side: serve the connection C{fd}, handed over by the predecessor (accepted
+    on its listener C{listener}, local address C{address}), on our port of that listener, as if
+    that port had accepted it.  C{fd} is closed in every case.
 
     @return: the connection's transport.
-    @raise BadArgument: with a sentence, when no plain TCP or Unix listener of ours has that
-        address, or C{fd} is no connection of it.
+    @raise BadArgument: with a sentence, when C{fd} is no connection, or no plain TCP or Unix
+        listener of ours is the one it came in on.
     """
     try:
-        addressOf = addressOf or portAddress
-        found = [
-            port
-            for port in ports
-            if port.kind in KINDS and port.connected and addressOf(port) == address
-        ]
-        if not found:
-            raise BadArgument(
-                f"no plain TCP or Unix listener of ours listens on {address} ({listener})"
-            )
-        port = found[0]
-        problem = connectedSocketProblem(fd, port)
+        problem = connectionProblem(fd)
         if problem is not None:
             raise BadArgument(f"a connection handed over on {listener} is no connection: {problem}")
+        port = portFor(ports, fd)
+        if port is None:
+            raise BadArgument(
+                f"no plain TCP or Unix listener of ours is the one the connection handed over"
+                f" on {listener} ({address}) came in on"
+            )
         # (The flag belongs to the socket, which the predecessor's reactor read: set already.)
         os.set_blocking(fd, False)
         transport = port.adoptConnection(fd)
@@ -328,6 +360,20 @@ def adoptHandedOver(
         os.close(fd)
 
 
+def localAddress(transport: Any) -> str:
+    """
+    A connection's local address, as people read it (for the successor's messages).
+    """
+    try:
+        host = transport.getHost()
+    except Exception:
+        return "?"
+    name = getattr(host, "name", None)
+    if name is not None or not hasattr(host, "host"):
+        return name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+    return f"[{host.host}]:{host.port}" if ":" in host.host else f"{host.host}:{host.port}"
+
+
 __all__ = [
     "KINDS",
     "WINDOW",
@@ -335,7 +381,10 @@ __all__ = [
     "HandoverSender",
     "adoptHandedOver",
     "canHandOver",
-    "connectedSocketProblem",
+    "connectionProblem",
+    "localAddress",
+    "portFor",
     "dropCopy",
+    "relay",
     "unsentBytes",
 ]

@@ -584,9 +584,10 @@ class GracefulServer(service.Service):
             drainTimeout=self.settings.drainTimeout,
         )
         offer = None
-        if self._handedOver and self._successor is not None:
+        link = self.successorLink()
+        if link is not None:
             # Idle HTTP/1.x connections move to the successor instead of closing (handover.py).
-            offer = HandoverSender(self._successor, lambda: self._draining).offer
+            offer = HandoverSender(link, lambda: self._draining).offer
         for port in self.ports:
             port.sessions.drain(offer)
         if self._successor is not None:
@@ -927,6 +928,13 @@ class GracefulServer(service.Service):
         machine = self._requireSuccessor(protocol)
         machine.successorLost(f"the successor gave up: {reason}")
         return {}
+
+    def successorLink(self) -> ControlProtocol | None:
+        """
+        The link to the successor that took over from us (it confirmed, or we stopped after
+        its commit), while it lasts: where our idle connections go (L{HandoverSender}).
+        """
+        return self._successor if self._handedOver else None
 
     def adoptConnection(
         self, protocol: ControlProtocol, listener: str, address: str, fd: int

@@ -36,6 +36,7 @@ from graceful_plugin.handover import (
     adoptHandedOver,
     canHandOver,
     dropCopy,
+    relay,
 )
 from graceful_plugin.listeners import (
     ListenerSpec,
@@ -188,7 +189,7 @@ def connect(reactor: MemoryReactorClock, port: FakePort) -> Any:
 
 
 def sender(link: FakeLink, draining: bool = True) -> HandoverSender:
-    return HandoverSender(link, lambda: draining, address=lambda port: "127.0.0.1:80")  # type: ignore[arg-type]
+    return HandoverSender(link, lambda: draining)  # type: ignore[arg-type]
 
 
 def test_channelsProvideIHandOver(connect: Any) -> None:
@@ -217,7 +218,8 @@ def test_idleConnectionIsPausedSentAndDroppedWithoutAWord(
     assert handover.offer(connection.transport)
     assert connection.transport not in reactor.getReaders()
     [(kw, answer, theirs)] = link.calls
-    assert kw["listener"] == "web" and kw["address"] == "127.0.0.1:80"
+    assert kw["listener"] == "web"
+    assert kw["address"] == "127.0.0.1:%d" % connection.transport.getHost().port
     sent = kw["fd"]
     assert os.fstat(sent).st_ino == os.fstat(connection.transport.fileno()).st_ino
     # The client's next request, sent while the handover is on its way, stays in the kernel.
@@ -333,13 +335,16 @@ def test_oneGoesAloneUntilTheSuccessorHasAdoptedOne(connect: Any, link: FakeLink
 
 
 @pytest.mark.parametrize(
-    "error", [amp.UnhandledCommand(), ConnectionLost()], ids=["older successor", "link lost"]
+    "error",
+    [amp.UnhandledCommand(), ConnectionLost(), NoHandoff("no successor")],
+    ids=["older successor", "link lost", "a leader without a successor"],
 )
 def test_refusedOrLostFallsBackToThePoliteDrain(
     connect: Any, link: FakeLink, reactor: MemoryReactorClock, error: Exception
 ) -> None:
     """
-    When the successor answers UNHANDLED (an older version) or its link is lost, the connection
+    When the successor answers UNHANDLED (an older version), its link is lost, or the other end
+    takes no connections (a worker's leader whose successor has gone), the connection
     is read again and drained as before (Connection: close on its next answer, the idle close
     later), the descriptor sent is closed, the ones queued behind it are never sent, and no
     more are taken.
@@ -412,7 +417,7 @@ def test_callRemoteRaisingFallsBack(connect: Any) -> None:
 
     connection = connect()
     connection.request()
-    handover = HandoverSender(Broken(), lambda: True, address=lambda port: "x")  # type: ignore[arg-type]
+    handover = HandoverSender(Broken(), lambda: True)  # type: ignore[arg-type]
     assert handover.offer(connection.transport)
     assert handover.fellBack == 1 and connection.channel._draining
 
@@ -495,7 +500,7 @@ def test_adoptRefusesAConnectionOfAnotherPort(listening: Any) -> None:
     theirs, _ = other.accept()
     try:
         fd = theirs.detach()
-        with pytest.raises(BadArgument, match="local port"):
+        with pytest.raises(BadArgument, match="no plain TCP or Unix listener of ours"):
             adoptHandedOver([listening], "web", portAddress(listening), fd)
         assert not isOpen(fd)
     finally:
@@ -503,14 +508,58 @@ def test_adoptRefusesAConnectionOfAnotherPort(listening: Any) -> None:
         other.close()
 
 
-def test_adoptRefusesAnUnknownListener(listening: Any) -> None:
+def test_adoptRefusesAConnectionOfATLSListener(listening: Any) -> None:
     """
-    A connection of a listener we do not have (or not a plain one) is refused and closed.
+    A connection of a listener that is not a plain one here (TLS) is refused and closed.
     """
-    fd = _pipe()
-    with pytest.raises(BadArgument, match="no plain TCP or Unix listener"):
-        adoptHandedOver([listening], "api", "127.0.0.1:1", fd)
-    assert not isOpen(fd)
+    client = socket.create_connection(listening.socket.getsockname())
+    theirs, _ = listening.socket.accept()
+    listening.kind = "ssl"
+    try:
+        fd = theirs.detach()
+        with pytest.raises(BadArgument, match="no plain TCP or Unix listener"):
+            adoptHandedOver([listening], "web", portAddress(listening), fd)
+        assert not isOpen(fd)
+    finally:
+        listening.kind = "tcp"
+        client.close()
+
+
+def test_adoptFindsTheListenerByTheConnectionsLocalEnd(reactor: MemoryReactorClock) -> None:
+    """
+    Of several listeners (Unix and TCP), the connection is served on the one it came in on,
+    whatever the listener is named here.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        site = DrainableSite(DemoRoot(lambda: 2), reactor=reactor)
+        specs = [
+            ListenerSpec(name="a", kind="tcp", host="127.0.0.1", port=0),
+            ListenerSpec(name="b", kind="unix", path=os.path.join(d, "b.sock")),
+            ListenerSpec(name="c", kind="tcp", host="127.0.0.1", port=0),
+        ]
+        ports = []
+        for spec in specs:
+            sock = bindListener(spec)
+            ports.append(adoptListener(reactor, sock.fileno(), spec.kind, site, spec.name))
+            sock.close()
+        try:
+            for port in ports:
+                family = port.socket.family
+                client = socket.socket(family, socket.SOCK_STREAM)
+                client.connect(port.socket.getsockname())
+                theirs, _ = port.socket.accept()
+                with client, theirs:
+                    adoptHandedOver(ports, "other name", "?", os.dup(theirs.fileno()))
+                    assert [p.sessions.count for p in ports] == [int(p is port) for p in ports]
+                for p in ports:
+                    for t in list(p.sessions._live):
+                        t.socket.close()
+                        p.sessions.closed(t)
+        finally:
+            for port in ports:
+                port.socket.close()
 
 
 def test_commandToAnEndThatAdoptsNothingIsRefused() -> None:
@@ -586,6 +635,107 @@ def test_failedDeferredClosesTheDuplicate(connect: Any) -> None:
     connection = connect()
     connection.request()
     failing = Failing()
-    HandoverSender(failing, lambda: True, address=lambda port: "x").offer(connection.transport)  # type: ignore[arg-type]
+    HandoverSender(failing, lambda: True).offer(connection.transport)  # type: ignore[arg-type]
     [fd] = failing.fds
+    assert not isOpen(fd)
+
+
+# -- a worker's connections, through its leader -----------------------------------------------
+
+
+def test_relayPassesTheConnectionOnAndClosesItsCopyAfterTheAnswer(link: FakeLink) -> None:
+    """
+    The leader passes a worker's connection on to the successor, keeps the descriptor open
+    until the successor answered (it leaves with a later write), then closes it.
+    """
+    fd = _pipe()
+    d = relay(link, "web", "127.0.0.1:80", fd)  # type: ignore[arg-type]
+    [(kw, answer, _)] = link.calls
+    assert kw == {"listener": "web", "address": "127.0.0.1:80", "fd": fd}
+    assert isOpen(fd) and not d.called
+    answer.callback({})
+    assert not isOpen(fd)
+    assert d.result == {}
+
+
+@pytest.mark.parametrize(
+    "error", [amp.UnhandledCommand(), ConnectionLost()], ids=["older successor", "link lost"]
+)
+def test_relayTurnsASuccessorThatTakesNoneIntoNoHandoff(link: FakeLink, error: Exception) -> None:
+    """
+    An older successor or a lost link becomes NoHandoff for the worker, which then stops
+    offering connections; the descriptor is closed.
+    """
+    fd = _pipe()
+    d = relay(link, "web", "x", fd)  # type: ignore[arg-type]
+    link.calls[0][1].errback(Failure(error))
+    assert not isOpen(fd)
+    failure = d.result
+    d.addErrback(lambda _: None)
+    assert isinstance(failure, Failure) and failure.check(NoHandoff)
+
+
+def test_relayWithoutASuccessorRefuses() -> None:
+    """
+    A leader without a successor refuses at once, and closes the descriptor.
+    """
+    fd = _pipe()
+    d = relay(None, "web", "x", fd)
+    assert not isOpen(fd)
+    failure = d.result
+    d.addErrback(lambda _: None)
+    assert isinstance(failure, Failure) and failure.check(NoHandoff)
+
+
+def test_refusedRemoteErrorOfTheSuccessorReachesTheWorkerAsItself(link: FakeLink) -> None:
+    """
+    A refusal of one connection by the successor (BadArgument) is passed back as it is: the
+    worker drains that one and offers the next.
+    """
+    fd = _pipe()
+    d = relay(link, "web", "x", fd)  # type: ignore[arg-type]
+    link.calls[0][1].errback(Failure(BadArgument("no such listener")))
+    failure = d.result
+    d.addErrback(lambda _: None)
+    assert isinstance(failure, Failure) and failure.check(BadArgument)
+
+
+def test_supervisorRelaysOnlyAfterItsGenerationHandedOver(link: FakeLink) -> None:
+    """
+    The leader's supervisor passes its workers' connections on only once its generation has a
+    successor that took over (before that, or after the successor's link went, it refuses).
+    """
+    from graceful_plugin.workerspawn import WorkerSupervisor
+
+    class Server:
+        successor: Any = None
+
+        def successorLink(self) -> Any:
+            return self.successor
+
+    supervisor = WorkerSupervisor(2, None, 60.0, reactor=MemoryReactorClock())
+    fd = _pipe()
+    refused = supervisor.relayConnection("web", "x", fd)
+    refused.addErrback(lambda f: f.trap(NoHandoff))
+    assert not isOpen(fd)
+    server = Server()
+    supervisor.handoffCommitted(server, 4242)
+    server.successor = link
+    fd = _pipe()
+    supervisor.relayConnection("web", "x", fd)
+    [(kw, _, _)] = link.calls
+    assert kw["fd"] == fd
+    os.close(fd)
+
+
+def test_leaderLinkWithoutARelayRefuses() -> None:
+    """
+    A leader's link to a worker that has no relay refuses a connection and closes it.
+    """
+    from graceful_plugin.workerspawn import LeaderLink, WorkerProcess
+
+    worker = WorkerProcess(1, lambda n: None)
+    fd = _pipe()
+    d = LeaderLink(worker)._adoptConnection("web", "x", fd)
+    d.addErrback(lambda f: f.trap(NoHandoff))
     assert not isOpen(fd)

@@ -149,3 +149,34 @@ def test_anOlderSuccessorLeavesTheIdleCloseAsBefore(procs: Processes, workdir: P
         assert "drain deadline passed" not in gen1.text()
     finally:
         client.close()
+
+
+def test_aWorkersIdleConnectionsMoveThroughItsLeader(procs: Processes, workdir: Path) -> None:
+    """
+    With --workers 2, idle keep-alive connections held by the worker as well as by the leader
+    move to the successor (a worker hands them to its leader, which passes them on): none is
+    ever closed or told to close, and each is answered by the new leader afterwards.
+    """
+    spec, family, address = _listener("tcp", workdir)
+    gen1 = procs.server(["--port", spec, "--control", "c.sock", "--workers", "2"], "gen1")
+    gen1.start().waitFor(r"1 workers? accepting")
+    clients: list[KeepAlive] = []
+    try:
+        for _ in range(64):
+            client = KeepAlive(family, address)
+            clients.append(client)
+            client.request()
+            byWorker = [c for c in clients if c.pids[-1] != gen1.pid]
+            if len(byWorker) >= 2 and len(clients) - len(byWorker) >= 2:
+                break
+        assert byWorker, "no connection was accepted by the worker"
+        gen2 = procs.server(["--takeover", "c.sock"], "gen2").start()
+        gen2.waitFor(r"took over from pid %d" % gen1.pid)
+        assert gen1.wait(30) == 0
+        assert [c.closedWhileIdle() for c in clients] == [False] * len(clients)
+        assert [c.request() for c in clients] == [gen2.pid] * len(clients)
+        assert [c.toldToClose for c in clients] == [0] * len(clients)
+        assert "drain deadline passed" not in gen1.text()
+    finally:
+        for client in clients:
+            client.close()
