@@ -939,10 +939,11 @@ class GracefulServer(service.Service):
     def adoptConnection(
         self, protocol: ControlProtocol, listener: str, address: str, fd: int
     ) -> None:
-        # IConnectionAdopter: a connection our draining predecessor hands over (handover.py).
-        if not self.draining.isLink(protocol) or self.machine is None:
+        # IConnectionAdopter: a connection our draining predecessor hands over (handover.py);
+        # not once we drain ourselves (it would miss our drain: it drains where it is).
+        if not self.draining.isLink(protocol) or self.machine is None or self._draining:
             os.close(fd)
-            raise NoHandoff("only a draining predecessor hands connections over")
+            raise NoHandoff("only a draining predecessor hands connections over, to a server")
         adoptHandedOver(self.ports, listener, address, fd)
 
     def reportSessions(self, protocol: ControlProtocol, generations: list[dict[str, Any]]) -> None:

@@ -619,6 +619,26 @@ def test_serverAdoptsOnlyFromItsPredecessor() -> None:
     assert not isOpen(fd)
 
 
+def test_serverDrainingItselfAdoptsNothing(reactor: MemoryReactorClock) -> None:
+    """
+    A successor that has started draining itself (stopped at once) refuses what its predecessor
+    hands over, which then drains where it is, and closes the descriptor.
+    """
+    from graceful_plugin.server import GracefulServer, Settings
+
+    server = GracefulServer(
+        Settings(listeners=[], controlPath="/tmp/x.sock"), Factory(), reactor=reactor
+    )
+    server.beginServing()
+    link = ControlProtocol(server)
+    server.adoptPredecessorLink(link)
+    server.beginDrain()
+    fd = _pipe()
+    with pytest.raises(NoHandoff):
+        server.adoptConnection(link, "web", "x", fd)
+    assert not isOpen(fd)
+
+
 def test_failedDeferredClosesTheDuplicate(connect: Any) -> None:
     """
     The duplicate descriptor is closed however the command ends.
