@@ -72,11 +72,14 @@ def _listener(kind: str, workdir: Path) -> tuple[str, int, object]:
     if kind == "unix":
         path = str(workdir / "web.sock")
         return f"unix:{path}", socket.AF_UNIX, path
+    if kind == "tcp6":
+        port = freePort("::1")
+        return f"tcp6:{port}:interface=::1", socket.AF_INET6, ("::1", port)
     port = freePort()
     return f"tcp:{port}:interface=127.0.0.1", socket.AF_INET, ("127.0.0.1", port)
 
 
-@pytest.mark.parametrize("kind", ["tcp", "unix"])
+@pytest.mark.parametrize("kind", ["tcp", "tcp6", "unix"])
 def test_idleConnectionsMoveToTheSuccessorAndNeverClose(
     procs: Processes, workdir: Path, kind: str
 ) -> None:
