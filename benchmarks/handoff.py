@@ -8,8 +8,9 @@
 2. scale: connect to commit against the number of listeners (``--listeners``, each
    ``--port l{i}=tcp:0:interface=127.0.0.1``), ``--scale-takeovers`` takeovers each.
 3. drain: K idle keep-alive connections (``--connections``), each having had one complete
-   request and response, then a takeover: time from the successor's commit to the predecessor's
-   exit, and the predecessor's RSS before and after opening the K connections.
+   request and response, then a takeover, which hands them over to the successor: time from the
+   successor's commit to the predecessor's exit, how many it handed over, and the predecessor's
+   RSS before and after opening the K connections.
 
 Servers log JSON lines (``--logger graceful_plugin.jsonlog.stdoutObserver``), one file per
 process. Standard library only. Every process started is killed and reaped and the temporary
@@ -183,6 +184,8 @@ def take_over(servers: Servers, old: subprocess.Popen, control: Path, timeout: f
     sample["drain_to_exit"] = (exited - draining["log_time"]) * 1000
     sample["commit_to_exit"] = (exited - committed) * 1000
     sample["sessions_at_drain"] = draining.get("sessions")
+    handed = servers.find(old, lambda event: "handedOver" in event)
+    sample["connections_handed_over"] = handed.get("handedOver", 0) if handed else 0
     return new, sample
 
 
@@ -337,6 +340,7 @@ def measure_drain(servers: Servers, args: argparse.Namespace) -> list[dict]:
             {
                 "connections": count,
                 "sessions_at_drain": sample["sessions_at_drain"],
+                "handed_over": sample["connections_handed_over"],
                 "open_s": round(open_s, 3),
                 "commit_to_exit_ms": sample["commit_to_exit"],
                 "drain_to_exit_ms": sample["drain_to_exit"],
@@ -393,8 +397,8 @@ def render(result: dict) -> str:
     if drain:
         out.append("Drain: K idle keep-alive connections, successor's commit -> predecessor's exit")
         out.append(
-            f"{'K':>6} {'commit->exit ms':>16} {'handoff ms':>11} {'RSS before KiB':>15}"
-            f" {'RSS after KiB':>14} {'KiB/conn':>9}"
+            f"{'K':>6} {'commit->exit ms':>16} {'handed over':>12} {'handoff ms':>11}"
+            f" {'RSS before KiB':>15} {'RSS after KiB':>14} {'KiB/conn':>9}"
         )
         for row in drain:
             if "skipped" in row:
@@ -402,11 +406,12 @@ def render(result: dict) -> str:
                 continue
             out.append(
                 f"{row['connections']:6d} {row['commit_to_exit_ms']:16.1f}"
-                f" {row['handoff_ms']:11.2f} {row['rss_before_kib']:15d}"
+                f" {row['handed_over']:12d} {row['handoff_ms']:11.2f} {row['rss_before_kib']:15d}"
                 f" {row['rss_after_kib']:14d} {row['kib_per_connection']:9.2f}"
             )
         out.append(
-            "(idle connections are closed after the channel's 1 s grace: expect just over 1 s)"
+            "(idle connections move to the successor: the predecessor exits once the last one"
+            " has gone over)"
         )
     return "\n".join(out)
 

@@ -261,6 +261,41 @@ class StandDown(amp.Command):
     response = []
 
 
+class AdoptConnection(amp.Command):
+    """
+    A draining predecessor hands its successor one idle HTTP/1.x connection (plain TCP or Unix,
+    between requests, nothing of a request received) accepted on its listener C{listener}:
+    C{fd} is a duplicate of its descriptor, C{address} its local address (for messages).  The
+    successor serves it on its own port of that listener (the one whose socket has the
+    connection's local address), as if it had accepted it, and answers once it has; the
+    predecessor then drops its copy without a word to the client (L{graceful_plugin.handover}).
+    An addition to protocol version 1: an older successor answers UNHANDLED, and the
+    predecessor closes the connection politely.
+    """
+
+    arguments = [
+        (b"listener", amp.Unicode()),
+        (b"address", amp.Unicode()),
+        (b"fd", amp.Descriptor()),
+    ]
+    response = []
+    errors = {NoHandoff: b"NO_HANDOFF", BadArgument: b"BAD_ARGUMENT"}
+
+
+class IConnectionAdopter(Interface):
+    """
+    What takes the connections a draining predecessor hands over (L{AdoptConnection}); a
+    control handler may provide it.
+    """
+
+    def adoptConnection(protocol: ControlProtocol, listener: str, address: str, fd: int) -> None:
+        """
+        Serve the connected socket C{fd} (accepted on the sender's listener C{listener}, its
+        local address C{address}) on our port of that listener, or raise L{NoHandoff} or
+        L{BadArgument}; C{fd} is closed either way.
+        """
+
+
 #: One process of a generation (graceful_plugin.workers): the leader is index 0.
 _workerEntry = [
     (b"index", amp.Integer()),
@@ -764,6 +799,15 @@ class ControlProtocol(amp.AMP):
     @StandDown.responder
     def _standDown(self, reason: str) -> dict[str, Any]:
         return self.handler.standDown(self, reason)
+
+    @AdoptConnection.responder
+    def _adoptConnection(self, listener: str, address: str, fd: int) -> dict[str, Any]:
+        adopter = IConnectionAdopter(self.handler, None)
+        if adopter is None:
+            os.close(fd)
+            raise NoHandoff("this end of the control channel adopts no connections")
+        adopter.adoptConnection(self, listener, address, fd)
+        return {}
 
     @Status.responder
     def _status(self, start: int | None = None) -> dict[str, Any]:

@@ -612,6 +612,42 @@ class _AdoptablePortMixin:
         # stopListening() was called and its connectionLost is still to run.
         return bool(self.disconnecting and self.connected)  # type: ignore[attr-defined]
 
+    def adoptConnection(self, fd: int) -> Any:
+        """
+        Serve the connected stream socket C{fd} (a duplicate of it: the caller still owns and
+        closes C{fd}) exactly as if this port had just accepted it: a protocol from this port's
+        factory, and this port's session-tracked transport, so that the connection is counted,
+        drained and, in turn, handed over like any other.
+
+        Not C{IReactorSocket.adoptStreamConnection}: it builds a transport that belongs to no
+        port (C{server} is L{None}), which no L{SessionTracker} counts.  This does what
+        C{tcp.Port.doRead} does with a socket that C{accept()} returned.
+
+        @return: the transport, or L{None} if the factory built no protocol (the socket is
+            closed then).
+        """
+        port: Any = self  # a tcp.Port or unix.Port: its factory, address type and sessions
+        skt = socket.socket(fileno=os.dup(fd))
+        try:
+            addr: Any = skt.getpeername()
+        except OSError:
+            skt.close()
+            raise
+        if isinstance(addr, tuple) and len(addr) == 4:
+            # IPv6: the host with its scope, as tcp.Port.doRead gives it.
+            host = socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)[0]
+            addr = (host, *addr[1:])
+        protocol = port.factory.buildProtocol(port._buildAddr(addr))
+        if protocol is None:
+            skt.close()
+            return None
+        sessionno = port.sessionno
+        port.sessionno = sessionno + 1
+        transport = port.transport(skt, protocol, addr, port, sessionno, port.reactor)
+        self.sessions.handedOverInstead(transport)
+        protocol.makeConnection(transport)
+        return transport
+
 
 class AdoptedTCPPort(_AdoptablePortMixin, tcp.Port):
     """

@@ -187,12 +187,13 @@ class ListenerSet:
         """
         return sum(port.sessions.count for port in self.ports)
 
-    def drain(self) -> None:
+    def drain(self, offer: Callable[[Any], bool] | None = None) -> None:
         """
-        Ask every session to finish (L{graceful_plugin.sessions.IDrainable}).
+        Ask every session to finish (L{graceful_plugin.sessions.IDrainable}); C{offer}, if
+        given, may take an idle connection off our hands first (L{graceful_plugin.handover}).
         """
         for port in self.ports:
-            port.sessions.drain()
+            port.sessions.drain(offer)
 
     def abortSessions(self) -> int:
         """

@@ -23,6 +23,7 @@ from graceful_plugin.control import (
     PROTOCOL_VERSION,
     ControlProtocol,
     HandoffBusy,
+    IConnectionAdopter,
     IControlHandler,
     NoHandoff,
     RolledBack,
@@ -30,6 +31,7 @@ from graceful_plugin.control import (
 )
 from graceful_plugin.draining import DrainingView, Upstream
 from graceful_plugin.figures import Figures
+from graceful_plugin.handover import adoptHandedOver
 from graceful_plugin.listenerset import ListenerSet, Port
 from graceful_plugin.machine import GenerationInputs
 from graceful_plugin.standby import tellStandDown
@@ -77,8 +79,10 @@ class IGeneration(Protocol):
 
     def stopGracefully(self, drainTimeout: float | None = None) -> None: ...
 
+    def isDraining(self) -> bool: ...
 
-@implementer(IControlHandler)
+
+@implementer(IControlHandler, IConnectionAdopter)
 class ControlResponder:
     """
     Answers the control commands for one generation.
@@ -248,6 +252,17 @@ class ControlResponder:
         machine = self._requireSuccessor(protocol)
         machine.successorLost(f"the successor gave up: {reason}")
         return {}
+
+    def adoptConnection(
+        self, protocol: ControlProtocol, listener: str, address: str, fd: int
+    ) -> None:
+        gen = self.generation
+        # IConnectionAdopter: a connection our draining predecessor hands over (handover.py);
+        # not once we drain ourselves (it would miss our drain: it drains where it is).
+        if not gen.draining.isLink(protocol) or gen.machine is None or gen.isDraining():
+            os.close(fd)
+            raise NoHandoff("only a draining predecessor hands connections over, to a server")
+        adoptHandedOver(gen.ports, listener, address, fd)
 
     def reportSessions(self, protocol: ControlProtocol, generations: list[dict[str, Any]]) -> None:
         gen = self.generation

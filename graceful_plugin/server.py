@@ -29,6 +29,7 @@ from graceful_plugin.control import (
 from graceful_plugin.controlconn import DEFAULT_CAP, DEFAULT_IDLE_TIMEOUT, ControlConnections
 from graceful_plugin.draining import DrainingView, Upstream, fitEntries
 from graceful_plugin.figures import Figures
+from graceful_plugin.handover import HandoverSender
 from graceful_plugin.lifecycle import closeActivated, planActivation
 from graceful_plugin.listeners import ListenerSpec, adoptListener
 from graceful_plugin.listenerset import ListenerSet, Port
@@ -495,7 +496,12 @@ class GracefulServer(service.Service):
             pid=os.getpid(),
             drainTimeout=self.settings.drainTimeout,
         )
-        self.listeners.drain()
+        offer = None
+        link = self.successorLink()
+        if link is not None:
+            # Idle HTTP/1.x connections move to the successor instead of closing (handover.py).
+            offer = HandoverSender(link, lambda: self._draining).offer
+        self.listeners.drain(offer)
         if self.successor is not None:
             # Report at once (not inside this transition: the report asks the machine), so
             # the successor's status shows us draining from its first moments.
@@ -661,6 +667,19 @@ class GracefulServer(service.Service):
         Whether we drain after a handoff (and so report our sessions to whoever serves).
         """
         return self._draining and self.handedOver and not self.stopping
+
+    def isDraining(self) -> bool:
+        """
+        Whether this generation drains (for whatever reason: a handoff, a stop).
+        """
+        return self._draining
+
+    def successorLink(self) -> ControlProtocol | None:
+        """
+        The link to the successor that took over from us (it confirmed, or we stopped after
+        its commit), while it lasts: where our idle connections go (L{HandoverSender}).
+        """
+        return self.successor if self.handedOver else None
 
     def workerEntries(self) -> list[dict[str, Any]]:
         """

@@ -27,6 +27,20 @@ class IDrainable(Interface):
         """
 
 
+class IHandOver(Interface):
+    """
+    A protocol whose connection may move to another process while it is idle: the draining
+    generation hands such a connection, on a plain TCP or Unix listener, to its successor
+    instead of closing it (L{graceful_plugin.handover}).
+    """
+
+    def idleForHandover() -> bool:
+        """
+        Whether the connection is between requests, with nothing of the next one received or
+        buffered: a process that starts reading its socket afresh loses nothing.
+        """
+
+
 class IInFlight(Interface):
     """
     A protocol that can say what work it has in progress, for the log when the drain deadline
@@ -76,6 +90,8 @@ class SessionTracker:
 
     @ivar accepted: how many connections were accepted, ever (a plain integer: the metrics read
         it at scrape time, so counting costs one increment and no lock).
+    @ivar adopted: how many live-or-gone connections came handed over by a draining predecessor
+        (L{graceful_plugin.handover}) instead of being accepted.
     """
 
     log = Logger()
@@ -83,6 +99,7 @@ class SessionTracker:
     def __init__(self) -> None:
         self._live: set[Any] = set()
         self.accepted = 0
+        self.adopted = 0
         self._observers: list[Callable[[], None]] = []
 
     @property
@@ -117,14 +134,29 @@ class SessionTracker:
         self._live.discard(transport)
         self._changed()
 
-    def drain(self) -> None:
+    def handedOverInstead(self, transport: Any) -> None:
         """
-        Tell every live connection whose protocol is L{IDrainable} to wind down.
+        The connection on C{transport}, just L{opened}, was handed over by the generation that
+        accepted it (which counted it, and whose counters we continue): not one more accepted.
+        """
+        self.accepted -= 1
+        self.adopted += 1
+
+    def drain(self, handOver: Callable[[Any], bool] | None = None) -> None:
+        """
+        Tell every live connection whose protocol is L{IDrainable} to wind down; with
+        C{handOver}, offer each connection to it first, and leave alone those it takes (it
+        answers C{True}: it hands them to the successor, or drains them itself if that fails).
         """
         for transport in list(self._live):
-            self._drainOne(transport)
+            if handOver is not None and handOver(transport):
+                continue
+            self.drainOne(transport)
 
-    def _drainOne(self, transport: Any) -> None:
+    def drainOne(self, transport: Any) -> None:
+        """
+        Tell the connection on C{transport} to wind down, if its protocol is L{IDrainable}.
+        """
         drainable = drainableOf(getattr(transport, "protocol", None))
         if drainable is None:
             return

@@ -19,7 +19,7 @@ from twisted.web import http, pages, resource, server
 from zope.interface import implementer
 
 from graceful_plugin.drainhooks import DrainCallbacks
-from graceful_plugin.sessions import IDrainable, IInFlight
+from graceful_plugin.sessions import IDrainable, IHandOver, IInFlight
 
 
 def whenDraining(request: Any, callback: Callable[[], object]) -> None:
@@ -39,7 +39,7 @@ def whenDraining(request: Any, callback: Callable[[], object]) -> None:
     target.addDrainCallback(callback)
 
 
-@implementer(IDrainable, IInFlight)
+@implementer(IDrainable, IInFlight, IHandOver)
 class DrainableHTTPChannel(DrainCallbacks, http.HTTPChannel):
     """
     An HTTP/1.x channel that, once its generation drains, answers with ``Connection: close`` and
@@ -146,6 +146,22 @@ class DrainableHTTPChannel(DrainCallbacks, http.HTTPChannel):
         # Between requests: waiting for a request line, and no part of one received yet.
         return bool(self._HTTPChannel__first_line) and not self._buffer  # type: ignore[attr-defined]
 
+    def idleForHandover(self) -> bool:
+        """
+        Whether this connection is between requests with nothing of the next one received: no
+        request queued or being answered, no pipelined bytes held back, the parser waiting for a
+        request line with nothing in its buffer (L{IHandOver}).
+        """
+        return (
+            not self.requests
+            and not self._handlingRequest
+            and not self._dataBuffer
+            and bool(self.line_mode)
+            and self._HTTPChannel__first_line == 1  # type: ignore[attr-defined]
+            and not self._buffer
+            and not self._receivedHeaderSize
+        )
+
     def checkPersistence(self, request: Any, version: bytes) -> bool:
         if self._draining:
             request.responseHeaders.setRawHeaders(b"connection", [b"close"])
@@ -195,7 +211,7 @@ def _unreadBytes(transport: Any) -> int:
     return 0
 
 
-@implementer(IDrainable, IInFlight)
+@implementer(IDrainable, IInFlight, IHandOver)
 class DrainableChannelSwitch(http._GenericHTTPChannelProtocol):  # type: ignore[misc]
     """
     The protocol a L{server.Site} builds (Twisted's private C{_GenericHTTPChannelProtocol}: it
@@ -222,6 +238,17 @@ class DrainableChannelSwitch(http._GenericHTTPChannelProtocol):  # type: ignore[
         """
         inFlight = IInFlight(self._channel, None)
         return inFlight.inFlight() if inFlight is not None else []
+
+    def idleForHandover(self) -> bool:
+        """
+        Whether the HTTP/1.x channel is idle between requests (L{IHandOver}); never for HTTP/2.
+        """
+        channel = self._channel
+        return (
+            self._negotiatedProtocol in (None, b"http/1.1")
+            and isinstance(channel, DrainableHTTPChannel)
+            and channel.idleForHandover()
+        )
 
     def dataReceived(self, data: bytes) -> None:
         switched = False

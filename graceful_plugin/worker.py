@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from graceful_plugin.handover import HandoverSender
 from graceful_plugin.workercontrol import (
     WORKER_PROTOCOL_VERSION,
     Drain,
@@ -157,8 +158,11 @@ class Worker:
             pid=os.getpid(),
             sessions=self.liveSessions(),
         )
+        # Idle HTTP/1.x connections go to the successor through the leader (handover.py).
+        link = self.link
+        offer = HandoverSender(link, lambda: True).offer if link is not None else None
         for port in self.ports:
-            port.sessions.drain()
+            port.sessions.drain(offer)
         self._drainCall = self.reactor.callLater(self.drainTimeout, self._deadline)
         self._checkDrained()
 

@@ -3,8 +3,10 @@ The private link between a leader and each of its workers: AMP over a socketpair
 class per operation.
 
 The worker says when it is ready and how many sessions it has; the leader tells it to pause,
-resume, release, drain or stop, and each of those is answered once done.  The link carries no
-descriptors: a worker gets its listening sockets at spawn (C{childFDs}).
+resume, release, drain or stop, and each of those is answered once done.  A worker gets its
+listening sockets at spawn (C{childFDs}); the only descriptors the link carries are the idle
+connections a draining worker hands its leader, for the successor
+(L{graceful_plugin.control.AdoptConnection}, L{graceful_plugin.handover}).
 """
 
 from __future__ import annotations

@@ -26,6 +26,8 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from graceful_plugin.control import AdoptConnection, NoHandoff
+from graceful_plugin.handover import relay
 from graceful_plugin.lifecycle import Observer
 from graceful_plugin.worker import WorkerConfig
 from graceful_plugin.workercontrol import (
@@ -79,6 +81,15 @@ class LeaderLink(amp.AMP):
         self.worker.report(sessions)
         return {}
 
+    @AdoptConnection.responder
+    def _adoptConnection(self, listener: str, address: str, fd: int) -> Deferred[Any]:
+        # An idle connection of the worker's, for our successor (graceful_plugin.handover).
+        relay = self.worker.relay
+        if relay is None:
+            os.close(fd)
+            return fail(NoHandoff("this leader passes no connections on"))
+        return relay(listener, address, fd)
+
 
 @implementer(IWorker)
 class WorkerProcess(ProcessProtocol):
@@ -93,6 +104,8 @@ class WorkerProcess(ProcessProtocol):
         self.ready: Deferred[None] = Deferred()
         self.ended: Deferred[str] = Deferred()
         self.link: LeaderLink | None = None
+        #: Passes a connection the worker hands over on to our successor (L{handover.relay}).
+        self.relay: Callable[[str, str, int], Deferred[Any]] | None = None
 
     def readyReceived(self, version: int) -> None:
         if self.ready.called:
@@ -247,6 +260,8 @@ class WorkerSupervisor(Observer, service.Service):
         self._retired: list[WorkerGroup] = []
         self._stopped: Deferred[None] | None = None
         self._stopping = False
+        #: The generation (ours) whose successor our workers' idle connections go to.
+        self._handedTo: Any = None
 
     @property
     def active(self) -> bool:
@@ -268,7 +283,7 @@ class WorkerSupervisor(Observer, service.Service):
             shareAccepts(ports)
 
         def spawn(index: int, report: Callable[[int], None]) -> Any:
-            return self._spawn(
+            worker = self._spawn(
                 self.reactor,
                 index,
                 report,
@@ -277,6 +292,8 @@ class WorkerSupervisor(Observer, service.Service):
                 generation,
                 self.drainTimeout,
             )
+            worker.relay = self.relayConnection
+            return worker
 
         def changed() -> None:
             if self._onSessions is not None:
@@ -337,8 +354,18 @@ class WorkerSupervisor(Observer, service.Service):
                 lambda f: self.log.warn("after the rollback: {reason}", reason=f.getErrorMessage())
             )
 
+    def relayConnection(self, listener: str, address: str, fd: int) -> Deferred[Any]:
+        """
+        Pass an idle connection a worker hands over on to the successor that took over from us
+        (L{graceful_plugin.handover.relay}); refused when there is none.
+        """
+        server = self._handedTo
+        return relay(server.successorLink() if server is not None else None, listener, address, fd)
+
     def handoffCommitted(self, server: Any, pid: int) -> None:
-        # The successor accepts: every worker lets go of the listeners and drains.
+        # The successor accepts: every worker lets go of the listeners and drains (handing its
+        # idle connections over through us).
+        self._handedTo = server
         if not self.active:
             return
         group = self.group

@@ -15,7 +15,8 @@ itself with SIGSTOP at POINT and carries on when it gets SIGCONT: ``ready`` (the
 readiness hook, before Commit), ``committed`` (the Commit answer just arrived) or ``accepting``
 (accepting, about to send Accepting).  It prints ``reached POINT`` first and exits with the
 server's exit code.  ``confirmed`` is the odd one: the process kills itself with SIGKILL the
-moment the answer to its Accepting arrives.
+moment the answer to its Accepting arrives; ``older`` stops nowhere, but knows no
+AdoptConnection command (answers it UNHANDLED), as a successor of an older version.
 
     python -m tests.fake_successor CONTROL_PATH zygote
 
@@ -60,7 +61,7 @@ from graceful_plugin.control import (
 )
 
 STEPS = ("connected", "hello", "fds", "adopted", "commit")
-REAL_POINTS = ("ready", "committed", "accepting", "confirmed")
+REAL_POINTS = ("ready", "committed", "accepting", "confirmed", "older")
 PREDECESSORS = ("version", "pipe", "udp", "old", "noconfirm", "blocking")
 
 
@@ -152,6 +153,13 @@ def runGeneration(reactor: Any, path: str, pidfile: str = "", point: str = "") -
             return d
 
         ControlProtocol.callRemote = callRemote  # type: ignore[method-assign]
+    if point == "older":
+        locate = ControlProtocol.locateResponder
+
+        def locateResponder(self: ControlProtocol, name: bytes) -> Any:
+            return None if name == control.AdoptConnection.commandName else locate(self, name)
+
+        ControlProtocol.locateResponder = locateResponder  # type: ignore[method-assign]
     top = service.MultiService()
     server.setServiceParent(top)
     reactor.callWhenRunning(top.startService)
