@@ -5,6 +5,7 @@ that either starts serving from scratch or takes over from a running predecessor
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -225,6 +226,10 @@ class GracefulServer(service.Service):
     def _startFromScratch(self) -> None:
         from graceful_plugin.lifecycle import closeActivated, planActivation
 
+        # As a successor does before its handoff (takeover.py): collect start-up's garbage and
+        # keep what is left (modules, the application) out of every later collection.
+        gc.collect()
+        gc.freeze()
         ports: list[Port] = []
         specs = list(self.settings.listeners)
         activated, self.settings.activated = self.settings.activated, []
