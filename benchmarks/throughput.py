@@ -3,15 +3,24 @@ graceful with ``--metrics`` (scraped every ``--scrape-interval`` seconds) next t
 
     python benchmarks/throughput.py --duration 5 --rounds 3 --json throughput.json
 
-Both servers run at once on their own ports, and serve the same ``/bytes/N`` (``twistd web``
-with ``bytes_resource.BytesRoot``); the load meets them in turn, alternating the order each round.
+Both servers run at once on their own ports, and serve the same application: graceful's demo
+app, which ``twistd web`` serves too (``demo_resource.DemoTree``: the same resources, traversal
+and body producer), so that only the servers differ.  The load meets them in turn, alternating
+the order each round.  Each server's CPU time (user + system, from ``/proc``) per request served
+is printed next to its requests per second: it depends far less than requests per second on
+what else the machine runs.
 Each request opens a new connection unless ``--keepalive``. The load generator is ``wrk`` when it
 is installed (one thread, leaving the other core to the server), else client processes of
 ``loadtest.py``. Targets: graceful serves at least 97% of the requests per second of twistd web,
 and graceful with --metrics at least 98% of graceful without.
+
+``--baseline REV`` adds a fourth server in the same rounds: graceful as it was at git revision
+REV of this checkout (its package extracted with ``git archive`` and put first on
+``PYTHONPATH``), to measure a change before and after in one run.
 """
 
 import argparse
+import io
 import json
 import os
 import re
@@ -20,6 +29,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -53,12 +63,52 @@ METRICS_TARGET_RATIO = 0.98
 
 SERVERS = ("graceful", "metrics", "web")
 
+LABELS = {
+    "graceful": "graceful",
+    "metrics": "graceful --metrics",
+    "web": "twistd web",
+    "baseline": "graceful at baseline",
+}
+
+
+def servers(args: argparse.Namespace) -> list[str]:
+    """The servers measured, in the order of the first round."""
+    return [*SERVERS, "baseline"] if args.baseline else list(SERVERS)
+
+
+def is_revision(revision: str) -> bool:
+    """Whether ``revision`` names a commit of the git checkout this benchmark is in."""
+    try:
+        found = subprocess.run(
+            ["git", "-C", str(HERE.parent), "rev-parse", "--verify", "--quiet"]
+            + [f"{revision}^{{commit}}"],
+            capture_output=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return found.returncode == 0
+
+
+def extract_baseline(revision: str, into: Path) -> Path:
+    """Extract graceful's package (and its dropin) at git ``revision`` of this checkout."""
+    tree = subprocess.run(
+        ["git", "-C", str(HERE.parent), "archive", "--format=tar", revision]
+        + ["graceful_plugin", "twisted"],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(tree)) as archive:
+        archive.extractall(into, filter="data")
+    return into
+
 
 def start_servers(
     children: Children, args: argparse.Namespace
 ) -> tuple[dict[str, int], dict[str, int]]:
     """Start the servers; return each one's port once it serves, and each one's pid."""
-    ports = {"graceful": free_port(), "metrics": free_port(), "web": free_port()}
+    ports = {name: free_port() for name in servers(args)}
     ports["scrape"] = free_port()
     tmp = children.tmp
     python_path = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
@@ -80,10 +130,19 @@ def start_servers(
             "web",
             [args.twistd, "-n", "--pidfile", str(tmp / "web.pid"), "web"]
             + ["--listen", f"tcp:{ports['web']}:interface={HOST}"]
-            + ["--class", "bytes_resource.BytesRoot"],
+            + ["--class", "demo_resource.DemoTree"],
             env={**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), *python_path])},
         ),
     }
+    if args.baseline:
+        baseline = extract_baseline(args.baseline, tmp / "baseline")
+        procs["baseline"] = children.spawn(
+            "baseline",
+            [args.twistd, "-n", "--pidfile", str(tmp / "baseline.pid"), "graceful"]
+            + ["--port", f"tcp:{ports['baseline']}:interface={HOST}"]
+            + ["--control", str(tmp / "baseline.sock")],
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(baseline), *python_path])},
+        )
     for name, proc in procs.items():
         port = ports[name]
         wait_until(lambda port=port: accepts_connections(port), [proc], 30, name, children)
@@ -196,7 +255,7 @@ def run(args: argparse.Namespace) -> dict:
             numbers["cpu_us_per_request"] = round(used / requests * 1e6, 1) if requests else 0.0
             return numbers
 
-        order = list(SERVERS)
+        order = servers(args)
         for name in order if args.warmup else ():
             measure(name, args.warmup)
         rounds: dict[str, list[dict]] = {name: [] for name in order}
@@ -219,6 +278,21 @@ def run(args: argparse.Namespace) -> dict:
         for name, runs in rounds.items()
     }
     result["ratio"] = round(result["graceful"]["rps_median"] / result["web"]["rps_median"], 4)
+    result["cpu_ratio"] = round(
+        result["graceful"]["cpu_us_per_request_median"]
+        / result["web"]["cpu_us_per_request_median"],
+        4,
+    )
+    # Each round's own ratio (both servers loaded within seconds of each other): steadier than
+    # the ratio of the medians when the machine's other load comes and goes.
+    result["cpu_ratio_by_round"] = round(
+        statistics.median(
+            g["cpu_us_per_request"] / w["cpu_us_per_request"]
+            for g, w in zip(rounds["graceful"], rounds["web"], strict=True)
+            if w["cpu_us_per_request"]
+        ),
+        4,
+    )
     result["ratio_within_target"] = result["ratio"] >= TARGET_RATIO
     result["metrics"]["scrapes"] = sum(r.get("scrapes", 0) for r in rounds["metrics"])
     result["metrics_ratio"] = round(
@@ -230,6 +304,18 @@ def run(args: argparse.Namespace) -> dict:
         / result["graceful"]["cpu_us_per_request_median"],
         4,
     )
+    if args.baseline:
+        result["baseline_ratio"] = round(
+            result["baseline"]["rps_median"] / result["web"]["rps_median"], 4
+        )
+        result["baseline_cpu_ratio_by_round"] = round(
+            statistics.median(
+                b["cpu_us_per_request"] / w["cpu_us_per_request"]
+                for b, w in zip(rounds["baseline"], rounds["web"], strict=True)
+                if w["cpu_us_per_request"]
+            ),
+            4,
+        )
     return result
 
 
@@ -259,6 +345,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="seconds between two scrapes of graceful --metrics while it is loaded",
     )
     add("--twistd", default=str(Path(sys.executable).with_name("twistd")), help="twistd to run")
+    add(
+        "--baseline",
+        metavar="REV",
+        help="also measure graceful as it was at this git revision of this checkout",
+    )
     add("--json", type=Path, help="write the numbers to this file")
     args = parser.parse_args(argv)
     if args.duration < 1 or args.rounds < 1 or args.warmup < 0 or args.connections < 1:
@@ -267,13 +358,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.client = "wrk" if shutil.which("wrk") else "python"
     if not graceful_available(args.twistd):
         parser.error(f"'{args.twistd} graceful' does not run here")
+    if args.baseline and not is_revision(args.baseline):
+        parser.error(f"--baseline: {args.baseline!r} is not a revision of the git checkout here")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     """Measure, print both servers' requests/s and the ratio, write the JSON."""
     args = parse_args(argv)
-    limit = (args.rounds + 1) * len(SERVERS) * (args.duration + 30) + 120
+    limit = (args.rounds + 1) * len(servers(args)) * (args.duration + 30) + 120
     for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell may have ignored it
         signal.signal(signum, raise_on_signal(KeyboardInterrupt()))
     signal.signal(signal.SIGALRM, raise_on_signal(HardTimeout(f"run exceeded {limit:.0f} s")))
@@ -293,19 +386,23 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.client}, {args.connections} connections, {connection}, /bytes/{args.body}, "
         f"{args.rounds} x {args.duration} s"
     )
-    labels = {"graceful": "graceful", "metrics": "graceful --metrics", "web": "twistd web"}
-    for name in SERVERS:
+    for name in servers(args):
         numbers = result[name]
         each = " ".join(f"{rps:.0f}" for rps in numbers["rps"])
         scrapes = f"; scrapes: {numbers['scrapes']}" if name == "metrics" else ""
         print(
-            f"  {labels[name]:18} {numbers['rps_median']:9.1f} req/s median, "
+            f"  {LABELS[name]:20} {numbers['rps_median']:9.1f} req/s median, "
             f"{numbers['cpu_us_per_request_median']:6.1f} us CPU/request  (rounds: {each}; "
             f"errors: {numbers['errors']}{scrapes})"
         )
     verdict = "PASS" if result["ratio_within_target"] else "FAIL"
     print(
         f"  ratio graceful / web: {result['ratio']:.1%}   target >= {TARGET_RATIO:.0%}  {verdict}"
+    )
+    print(
+        "  server CPU per request, graceful / web:"
+        f" {result['cpu_ratio']:.1%}, median of each round's: {result['cpu_ratio_by_round']:.1%}"
+        " (steadier than req/s on a busy machine)"
     )
     verdict = "PASS" if result["metrics_ratio_within_target"] else "FAIL"
     print(
@@ -316,6 +413,11 @@ def main(argv: list[str] | None = None) -> int:
         "  server CPU per request, graceful --metrics / graceful:"
         f" {result['metrics_cpu_ratio']:.1%} (steadier than req/s on a busy machine)"
     )
+    if args.baseline:
+        print(
+            f"  baseline {args.baseline}: ratio to web {result['baseline_ratio']:.1%}, CPU per"
+            f" request to web, median of each round's: {result['baseline_cpu_ratio_by_round']:.1%}"
+        )
     if args.json is not None:
         document = {"machine": machine(), "config": vars(args), "result": result}
         args.json.write_text(json.dumps(document, indent=1, default=str) + "\n")

@@ -246,7 +246,6 @@ class GracefulServer(service.Service):
         # teardown at exit (55 ms of CPU at the first takeover without).
         gc.collect()
         gc.freeze()
-
         ports: list[Port] = []
         specs = list(self.settings.listeners)
         activated, self.settings.activated = self.settings.activated, []

@@ -100,7 +100,9 @@ class SessionTracker:
         self._live: set[Any] = set()
         self.accepted = 0
         self.adopted = 0
-        self._observers: list[Callable[[], None]] = []
+        # A tuple, replaced (not changed) by observe(): a change may add an observer while the
+        # observers are being told, and telling them copies nothing.
+        self._observers: tuple[Callable[[], None], ...] = ()
 
     @property
     def count(self) -> int:
@@ -113,11 +115,7 @@ class SessionTracker:
         """
         Call C{observer} (with no arguments) after every change in the count.
         """
-        self._observers.append(observer)
-
-    def _changed(self) -> None:
-        for observer in list(self._observers):
-            observer()
+        self._observers += (observer,)
 
     def opened(self, transport: Any) -> None:
         """
@@ -125,14 +123,16 @@ class SessionTracker:
         """
         self.accepted += 1
         self._live.add(transport)
-        self._changed()
+        for observer in self._observers:
+            observer()
 
     def closed(self, transport: Any) -> None:
         """
         A connection ended.
         """
         self._live.discard(transport)
-        self._changed()
+        for observer in self._observers:
+            observer()
 
     def handedOverInstead(self, transport: Any) -> None:
         """

@@ -61,13 +61,13 @@ class DrainableHTTPChannel(DrainCallbacks, http.HTTPChannel):
     idleGrace = 1.0
 
     _draining = False
-    # Whether a response has been sent: a fresh connection's first request may still be on
-    # its way, and a client does not retry a request on a connection closed before any answer.
-    _served = False
-    # Bumped on every byte received: the idle check closes only a connection that stayed quiet.
-    _activity = 0
     _idleCheck: Any = None
-    # When the last response was sent, and the longest pause seen before a following request.
+    # When the last response was sent on this connection, if the connection stayed open after
+    # it (None until then: a fresh connection's first request may still be on its way, and a
+    # client does not retry a request on a connection closed before any answer), and the
+    # longest pause seen before a following request.  A connection that closes after its
+    # response (Connection: close, as every request of a load generator such as wrk asks)
+    # never reads the clock.
     _lastDone: float | None = None
     _longestPause = 0.0
     _drainStarted = 0.0
@@ -81,7 +81,7 @@ class DrainableHTTPChannel(DrainCallbacks, http.HTTPChannel):
             if not last.startedWriting:
                 last.responseHeaders.setRawHeaders(b"connection", [b"close"])
             self.persistent = False
-        elif self._idle() and self._served and self._idleCheck is None:
+        elif self._lastDone is not None and self._idle() and self._idleCheck is None:
             self._drainStarted = self._now()
             self._scheduleIdleCheck(self._quietLeft())
         # Last: a response that ends itself now closes the connection after it.
@@ -98,12 +98,13 @@ class DrainableHTTPChannel(DrainCallbacks, http.HTTPChannel):
         return left
 
     def _scheduleIdleCheck(self, delay: float) -> None:
-        activity = self._activity
-        self._idleCheck = self.callLater(delay, lambda: self._closeIfQuiet(activity))
+        self._idleCheck = self.callLater(delay, self._closeIfQuiet)
 
-    def _closeIfQuiet(self, activity: int) -> None:
+    def _closeIfQuiet(self) -> None:
+        # A request that arrived since draining started is still arriving (not idle), or was
+        # told Connection: close (not persistent), which closes the connection after it.
         self._idleCheck = None
-        if activity != self._activity or not self._idle() or self.requests:
+        if not self.persistent or not self._idle() or self.requests:
             return
         left = self._quietLeft()
         if left > 0.001:
@@ -124,22 +125,24 @@ class DrainableHTTPChannel(DrainCallbacks, http.HTTPChannel):
 
     def dataReceived(self, data: bytes) -> None:
         if self._lastDone is not None and not self.requests and self._idle():
+            # The first bytes of another request on this connection: how long was it idle?
             pause = self._now() - self._lastDone
-            self._longestPause = max(self._longestPause, pause)
+            if pause > self._longestPause:
+                self._longestPause = pause
             if pause > getattr(self.site, "longestPause", pause):
                 self.site.longestPause = pause
-        self._activity += 1
         super().dataReceived(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._idleCheck is not None and self._idleCheck.active():
-            self._idleCheck.cancel()
-        self._idleCheck = None
+        if self._idleCheck is not None:
+            if self._idleCheck.active():
+                self._idleCheck.cancel()
+            self._idleCheck = None
         super().connectionLost(reason)
 
     def requestDone(self, request: Any) -> None:
-        self._served = True
-        self._lastDone = self._now()
+        if self.persistent:
+            self._lastDone = self._now()
         super().requestDone(request)
 
     def _idle(self) -> bool:
@@ -220,7 +223,8 @@ class DrainableChannelSwitch(http._GenericHTTPChannelProtocol):  # type: ignore[
 
     C{twisted.web.http} builds its HTTP/2 connection inside C{dataReceived}; this class does
     the same switch (the same steps, in the same order) to build
-    L{graceful_plugin.http2.DrainableH2Connection} instead, and hands the rest to Twisted.
+    L{graceful_plugin.http2.DrainableH2Connection} instead, settles HTTP/1.1 as Twisted does,
+    and hands any other negotiated protocol to Twisted (which refuses it).
     """
 
     _draining = False
@@ -251,17 +255,24 @@ class DrainableChannelSwitch(http._GenericHTTPChannelProtocol):  # type: ignore[
         )
 
     def dataReceived(self, data: bytes) -> None:
-        switched = False
         if self._negotiatedProtocol is None:
             negotiated = getattr(self._channel.transport, "negotiatedProtocol", None)
             if negotiated == b"h2" and http.H2_ENABLED:
                 self._switchToHTTP2()
-                switched = True
-        super().dataReceived(data)
-        if switched and self._draining:
-            # Drained before its first bytes: the GOAWAY goes after the client's preface and
-            # settings are answered (an h2 client takes no frame after a GOAWAY).
-            self._channel.drain()
+                self._channel.dataReceived(data)
+                if self._draining:
+                    # Drained before its first bytes: the GOAWAY goes after the client's
+                    # preface and settings are answered (an h2 client takes no frame after a
+                    # GOAWAY).
+                    self._channel.drain()
+                return
+            if negotiated not in (None, b"http/1.1"):
+                # Twisted's own answer to what it does not serve.
+                super().dataReceived(data)
+                return
+            self._negotiatedProtocol = b"http/1.1"  # type: ignore[assignment]
+        # (Straight to the channel: Twisted's dataReceived would ask the transport again.)
+        self._channel.dataReceived(data)
 
     def _switchToHTTP2(self) -> None:
         from graceful_plugin.http2 import DrainableH2Connection

@@ -11,6 +11,7 @@ its listeners, drains its sessions and exits: a worker never serves on without i
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import os
 import signal
@@ -372,6 +373,10 @@ def run(config: WorkerConfig, reactor: Any = None) -> int:
         from graceful_plugin.takeover import restorePriority
 
         restorePriority()
+        # As the leader and every successor do before they serve: collect start-up's garbage
+        # and keep what is left (modules, the application) out of every later collection.
+        gc.collect()
+        gc.freeze()
         link = worker.link
         if link is None:
             worker.stop()

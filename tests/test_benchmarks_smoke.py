@@ -95,18 +95,31 @@ def test_graceful_restart_fails_no_request(tmp_path):
 
 
 def test_throughput_measures_both_servers(tmp_path):
-    """throughput.py loads graceful's demo app and twistd web and reports both rates."""
+    """throughput.py loads graceful's demo app, twistd web serving the same app and, in a git
+    checkout, graceful at a baseline revision, and reports the rates and CPU per request of each."""
     _require_graceful()
     out = tmp_path / "throughput.json"
     argv = [sys.executable, str(BENCHMARKS / "throughput.py"), "--duration", "1", "--rounds", "1"]
     argv += ["--warmup", "0", "--connections", "4", "--json", str(out)]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    inGit = subprocess.run(
+        ["git", "-C", str(BENCHMARKS), "rev-parse", "--verify", "--quiet", "HEAD^{commit}"],
+        capture_output=True,
+        check=False,
+    )
+    names = ["graceful", "web"]
+    if inGit.returncode == 0:
+        argv += ["--baseline", "HEAD"]
+        names.append("baseline")
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=90, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads(out.read_text())["result"]
-    assert result["graceful"]["rps_median"] > 0
-    assert result["web"]["rps_median"] > 0
-    assert result["graceful"]["errors"] == result["web"]["errors"] == 0
+    for name in names:
+        assert result[name]["rps_median"] > 0, name
+        assert result[name]["cpu_us_per_request_median"] > 0, name
+        assert result[name]["errors"] == 0, name
     assert result["ratio"] > 0
+    assert result["cpu_ratio"] > 0 and result["cpu_ratio_by_round"] > 0
+    assert "server CPU per request, graceful / web:" in done.stdout
 
 
 def test_handoff_measures_phases_scale_and_drain(tmp_path):

@@ -323,3 +323,29 @@ def test_unreadRequestIsNotClosedUnder() -> None:
     finally:
         ours.close()
         theirs.close()
+
+
+def test_emptyLineAfterDrainDoesNotKeepIdleConnectionOpen() -> None:
+    """
+    An idle connection whose client sends only an empty line (which HTTP/1.1 ignores between
+    requests) after draining starts is still closed once it has stayed quiet for the grace.
+    """
+    channel, transport, clock = _channel()
+    channel.dataReceived(_GET)
+    channel.drain()
+    clock.advance(channel.idleGrace / 2)
+    channel.dataReceived(b"\r\n")
+    clock.advance(channel.idleGrace)
+    assert transport.disconnecting
+
+
+def test_connectionClosedAfterItsResponseIsNotWatchedWhenDraining() -> None:
+    """
+    A connection whose only request asked for Connection: close is closed after its response
+    and leaves no idle check behind when its generation drains.
+    """
+    channel, transport, clock = _channel()
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+    assert transport.disconnecting
+    channel.drain()
+    assert clock.getDelayedCalls() == []

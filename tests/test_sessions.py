@@ -102,6 +102,29 @@ def test_countAndObservers() -> None:
     assert seen == [1, 2, 1, 1, 0]
 
 
+def test_observerAddedWhileTellingHearsTheNextChange() -> None:
+    """
+    An observer added by another while a change is being told hears the changes after it, not
+    that one, and the others still hear every change.
+    """
+    tracker = SessionTracker()
+    first: list[int] = []
+    late: list[int] = []
+
+    def addLate() -> None:
+        first.append(tracker.count)
+        if len(first) == 1:
+            tracker.observe(lambda: late.append(tracker.count))
+
+    tracker.observe(addLate)
+    a, b = Session(), Session()
+    tracker.opened(a)
+    tracker.opened(b)
+    tracker.closed(a)
+    assert first == [1, 2, 1]
+    assert late == [2, 1]
+
+
 def test_drainTellsDrainableSessions() -> None:
     """
     drain() tells every live drainable session (through wrappers) once and skips others.

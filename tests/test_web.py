@@ -286,6 +286,24 @@ def test_drainSiteUsesDrainableChannel() -> None:
     assert switch._channel._draining
 
 
+def test_switchServesHTTP1WhenTLSNegotiatedIt() -> None:
+    """
+    A connection whose TLS negotiated http/1.1 with ALPN (or nothing) is served by the
+    drainable HTTP/1.1 channel, request after request.
+    """
+    for negotiated in (b"http/1.1", None):
+        switch = demoSite(lambda: 1).buildProtocol(None)
+        transport = StringTransport()
+        transport.negotiatedProtocol = negotiated  # type: ignore[attr-defined]
+        switch.makeConnection(transport)
+        switch.dataReceived(get(b"/"))
+        switch.dataReceived(get(b"/"))
+        assert isinstance(switch._channel, DrainableHTTPChannel)
+        assert transport.value().count(b"HTTP/1.1 200") == 2
+        switch.drain()
+        assert switch._channel._draining
+
+
 class Events(resource.Resource):
     """
     Server-sent events: an endless response that ends itself when its generation drains.
