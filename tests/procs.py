@@ -200,8 +200,8 @@ class Processes:
         self.servers: list[Server] = []
         self._before = {pid for pid, _ in childProcesses(os.getpid())}
 
-    def server(self, args: list[str], name: str | None = None) -> Server:
-        server = Server(self.directory, args, name or f"server{len(self.servers) + 1}")
+    def server(self, args: list[str], name: str | None = None, pidfile: str = "app.pid") -> Server:
+        server = Server(self.directory, args, name or f"server{len(self.servers) + 1}", pidfile)
         self.servers.append(server)
         return server
 

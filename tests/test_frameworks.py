@@ -165,8 +165,9 @@ def test_djangoAndKleinAcrossTakeover(procs: Processes, workdir: Path) -> None:
         port = freePort()
         urls[name] = f"http://127.0.0.1:{port}/"
         listeners = ["--port", f"tcp:{port}:interface=127.0.0.1", "--port", f"unix:{name}.web"]
+        # Two servers side by side in one directory: each generation line has a pidfile of its own.
         firsts[name] = procs.server(
-            [*listeners, "--control", f"{name}.sock", option, v1], f"{name}1"
+            [*listeners, "--control", f"{name}.sock", option, v1], f"{name}1", f"{name}.pid"
         ).start(ENV)
     for server in firsts.values():
         server.waitServing()
@@ -177,7 +178,9 @@ def test_djangoAndKleinAcrossTakeover(procs: Processes, workdir: Path) -> None:
     calls = {name: (lambda c=client: c.get("/").text) for name, client in pools.items()}
     with Clients(calls) as running:
         seconds = {
-            name: procs.server(["--takeover", f"{name}.sock", option, v2], f"{name}2").start(ENV)
+            name: procs.server(
+                ["--takeover", f"{name}.sock", option, v2], f"{name}2", f"{name}.pid"
+            ).start(ENV)
             for name, (option, _, v2) in apps.items()
         }
         for name, second in seconds.items():
