@@ -14,6 +14,7 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory
 
+from graceful_plugin.balance import ACCEPTING, IDLE, Board
 from graceful_plugin.control import PROTOCOL_VERSION, Abort, Accepting, Commit, Hello, NoHandoff
 from graceful_plugin.server import GracefulServer
 from graceful_plugin.workerspawn import WorkerSupervisor
@@ -289,3 +290,50 @@ class GroupMetricsTests(GroupTestCase):
         self.assertNotIn(replacement, self.workers)
         samples = self.scrape()
         self.assertEqual(samples[("graceful_worker_restarts_total", (("generation", "1"),))], 1)
+
+
+class GroupBalanceTests(GroupTestCase):
+    def test_theGroupSharesOneBalanceTable(self) -> None:
+        """
+        Every worker is started with the group's balance table, one slot per process, the
+        leader's own balance on slot 0.
+        """
+        board = self.spawnedWith[-1]
+        self.assertIsInstance(board, Board)
+        self.assertEqual(board.size, 3)
+        assert self.supervisor.balancer is not None
+        self.assertIs(self.supervisor.balancer.board, board)
+        self.assertEqual(self.supervisor.balancer.index, 0)
+
+    def test_aWorkerThatEndedIsClearedFromTheTable(self) -> None:
+        """
+        When a worker ends, the leader clears its slot: the others no longer count on it to
+        accept, nor its sessions in the mean.
+        """
+        board = self.spawnedWith[-1]
+        board.publish(2, 5, ACCEPTING)  # as worker 2 would
+        self.workers[1].die("killed by SIGKILL")
+        self.assertEqual(board.read()[2], (0, IDLE))
+
+    def test_stoppingClosesTheTable(self) -> None:
+        """
+        Once every worker of a stopped group has ended, the table is closed (its descriptor
+        too: descriptor counts stay flat).
+        """
+        board = self.spawnedWith[-1]
+        fd = board.fileno()
+        stopped = self.supervisor.abandon()
+        for worker in self.workers:
+            worker.die("exit status 0")
+        self.successResultOf(stopped)
+        self.assertEqual(board.fileno(), -1)
+        with self.assertRaises(OSError):
+            os.fstat(fd)
+
+    def test_oneProcessHasNoBalance(self) -> None:
+        """
+        A generation of one process (no workers) has no table and no balance: nothing changes.
+        """
+        alone = WorkerSupervisor(1, None, 60.0, self.reactor, spawn=lambda *a: None)
+        self.successResultOf(alone.startWith(self.server.ports, 1))
+        self.assertIsNone(alone.balancer)
