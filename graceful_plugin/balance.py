@@ -103,6 +103,20 @@ class Board:
         if self._fd >= 0:
             self.publish(index, 0, IDLE)
 
+    def others(self, index: int) -> tuple[int, int]:
+        """
+        The live sessions of the processes other than slot C{index}'s that accept (holding or
+        not), and how many they are.
+        """
+        cells = self._cells
+        own = index * self._CELLS
+        total = count = 0
+        for i in range(0, len(cells), self._CELLS):
+            if i != own and cells[i + 1] != IDLE:
+                total += cells[i]
+                count += 1
+        return total, count
+
     def read(self) -> list[tuple[int, int]]:
         """
         Every slot's (sessions, state).
@@ -187,6 +201,7 @@ class Balancer:
         self.slack = slack
         self.check = check
         self.holding = False
+        self._previous = 0
         self._call: Any = None
         self._stopped = False
         for port in ports:
@@ -197,7 +212,10 @@ class Balancer:
         return sum(port.sessions.count for port in self.ports)
 
     def _accepting(self) -> bool:
-        return any(port.accepting for port in self.ports)
+        for port in self.ports:
+            if port.accepting:
+                return True
+        return False
 
     def _publish(self, sessions: int) -> None:
         if self._stopped:
@@ -205,21 +223,33 @@ class Balancer:
         state = IDLE if not self._accepting() else HOLDING if self.holding else ACCEPTING
         self.board.publish(self.index, sessions, state)
 
+    def _over(self, sessions: int) -> bool:
+        total, count = self.board.others(self.index)
+        mean = (total + sessions) / (count + 1)
+        return sessions > mean + max(self.margin, mean * self.slack)
+
     def changed(self) -> None:
         """
         Our session count changed, or whether we accept did: publish it and apply the rule.
-        Called on every accepted and every closed connection: cheap unless a decision is due.
+        Called on every accepted and every closed connection, so it is kept cheap: a process
+        that does not hold looks at the others only when its count grew past the margin (a
+        count that falls never makes it over).
         """
         if self._stopped:
             return
         sessions = self._sessions()
-        self._publish(sessions)
+        grew = sessions > self._previous
+        self._previous = sessions
         if not self._accepting():
+            self.board.publish(self.index, sessions, IDLE)
             if self.holding:
                 self._setHolding(False, sessions)
             return
-        isOver = over(sessions, self.index, self.board.read(), self.margin, self.slack)
-        if isOver != self.holding:
+        self.board.publish(self.index, sessions, HOLDING if self.holding else ACCEPTING)
+        if self.holding:
+            if not self._over(sessions):
+                self._decide()
+        elif grew and sessions > self.margin and self._over(sessions):
             self._decide()
 
     def _decide(self) -> None:
