@@ -22,7 +22,8 @@ each change of its own session count:
    reads again once it is no longer over, or when no other process reads on.
 
 Decisions to hold and to read again are taken one at a time, under a lock on the table
-(C{flock}), so two processes never hold together on the belief that the other reads on.
+(C{flock}), each on the others' latest counts and states: two processes never both hold on the
+belief that the other reads on.
 """
 
 from __future__ import annotations
@@ -172,7 +173,7 @@ def othersAccept(index: int, table: list[tuple[int, int]], margin: float, slack:
 class Balancer:
     """
     One process's side of the rule: it publishes its own count and state on the L{Board} and
-    holds its listening ports (C{hold(True)}) while it is over the mean and another accepts.
+    holds its listening ports (C{hold(True)}) while it is over the mean and another reads on.
 
     @ivar holding: whether this process holds now.
     """
@@ -188,7 +189,8 @@ class Balancer:
         check: float = CHECK,
     ) -> None:
         """
-        @param board: a L{Board} (or anything with its C{publish}, C{read} and C{locked}).
+        @param board: a L{Board} (or anything with its C{publish}, C{others}, C{read} and
+            C{locked}).
         @param ports: the listening ports this process shares with the group: each has
             C{sessions} (a L{graceful_plugin.sessions.SessionTracker}), C{accepting} and
             C{hold(bool)}.
