@@ -11,7 +11,15 @@ spread of connections over the processes: with fresh connections, a probe makes
 fresh-connection ``GET /`` requests during the run, each answered by the process that accepted
 it, counted per pid; with keep-alive, the sessions each process holds a third into the run
 (wrk opens its connections once and keeps them), read once from ``status``; and for bursts of
-connections opened at once, the largest share one process took.
+connections opened at once, the largest share one process took.  A second table says where
+the CPUs' time went during each run: idle and softirq (``/proc/stat``), each server process's
+user and system time (``/proc/PID/stat``), and the server processes' CPU per request.
+
+``--compare-balance`` measures each group of several again with its balance turned off
+(``GRACEFUL_BALANCE=off``: the spread before and after); ``--independent N`` measures N
+independent single processes on ports of their own, each loaded by its own wrk with its share
+of the connections at the same time: the ceiling for N processes on this machine, with nothing
+shared.
 Target: with a fresh connection per request, 2 workers reach at least 1.4 times one worker's
 requests per second (on 2 cores).
 """
