@@ -179,6 +179,33 @@ class GroupCommitTests(GroupTestCase):
         self.assertEqual(self.server.liveSessions(), 1 + 2)
         self.assertEqual([w.pending() for w in self.workers], [["drain"], ["drain"]])
 
+    def test_resumedStandbyGetsANewBalanceTable(self) -> None:
+        """
+        The new group of a standby that serves again shares a new table with the leader (the old
+        workers still write to theirs while they drain), and the old table is closed once the
+        last old worker has ended.
+        """
+        old = self.spawnedWith[-1]
+        client, pump, results = self.committing_(standby=True)
+        for worker in self.workers:
+            worker.ack("pause")
+        pump.flush()
+        self.web.sessions.opened(object())  # (so that the old generation drains, standing by)
+        self.call(pump, client, Accepting)
+        for worker in self.workers:
+            worker.ack("release")
+        client.transport.loseConnection()  # type: ignore[union-attr]
+        pump.flush()
+        new = self.spawnedWith[-1]
+        self.assertIsNot(new, old)
+        assert self.supervisor.balancer is not None
+        self.assertIs(self.supervisor.balancer.board, new)
+        self.assertNotEqual(old.fileno(), -1)
+        for worker in self.workers:
+            worker.die("exit status 0")
+        self.assertEqual(old.fileno(), -1)
+        self.assertNotEqual(new.fileno(), -1)
+
     def committing_(self, standby: bool) -> tuple[Any, Any, list[Any]]:
         client, _, pump = self.connect()
         self.call(pump, client, Hello, version=PROTOCOL_VERSION, pid=4242, standby=standby)
