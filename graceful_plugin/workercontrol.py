@@ -16,7 +16,7 @@ from twisted.protocols import amp
 
 #: Connections a process of a group accepts per wake-up, at most (see L{shareAccepts}).  One
 #: per wake-up spread bursts but cost a reactor iteration per connection: with 2 workers on 2
-#: cores, 190-210 us of CPU per fresh-connection request against 140-150 us with 16 (measured
+#: cores, 151-213 us of CPU per fresh-connection request against 137-154 us with 16 (measured
 #: with perf, 3 interleaved rounds); the balance now does the spreading.
 ACCEPT_BATCH = 16
 
