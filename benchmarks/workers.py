@@ -11,7 +11,15 @@ spread of connections over the processes: with fresh connections, a probe makes
 fresh-connection ``GET /`` requests during the run, each answered by the process that accepted
 it, counted per pid; with keep-alive, the sessions each process holds a third into the run
 (wrk opens its connections once and keeps them), read once from ``status``; and for bursts of
-connections opened at once, the largest share one process took.
+connections opened at once, the largest share one process took.  A second table says where
+the CPUs' time went during each run: idle and softirq (``/proc/stat``), each server process's
+user and system time (``/proc/PID/stat``), and the server processes' CPU per request.
+
+``--compare-balance`` measures each group of several again with its balance turned off
+(``GRACEFUL_BALANCE=off``: the spread before and after); ``--independent N`` measures N
+independent single processes on ports of their own, each loaded by its own wrk with its share
+of the connections at the same time: the ceiling for N processes on this machine, with nothing
+shared.
 Target: with a fresh connection per request, 2 workers reach at least 1.4 times one worker's
 requests per second (on 2 cores).
 """
@@ -51,16 +59,24 @@ def status(ctl: str, control: Path) -> dict[str, Any] | None:
     return json.loads(done.stdout) if done.returncode == 0 else None
 
 
-def start(children: Children, args: argparse.Namespace, count: int) -> tuple[Any, int, Path]:
+def start(
+    children: Children,
+    args: argparse.Namespace,
+    count: int,
+    label: str = "",
+    balance: bool = True,
+) -> tuple[Any, int, Path]:
     """Start a group of C{count} processes; return it, its port and control path once every
     process serves."""
     port = free_port()
-    control = children.tmp / f"c{count}.sock"
+    name = f"{count}{label}"
+    control = children.tmp / f"c{name}.sock"
     proc = children.spawn(
-        f"graceful-{count}",
-        [args.twistd, "-n", "--pidfile", str(children.tmp / f"g{count}.pid"), "graceful"]
+        f"graceful-{name}",
+        [args.twistd, "-n", "--pidfile", str(children.tmp / f"g{name}.pid"), "graceful"]
         + ["--port", f"tcp:{port}:interface={HOST}", "--control", str(control)]
         + ["--workers", str(count)],
+        env=None if balance else {**os.environ, "GRACEFUL_BALANCE": "off"},
     )
 
     def ready() -> bool:
@@ -161,9 +177,58 @@ def bursts(port: int, size: int, count: int) -> list[float]:
     return largest
 
 
-def wrk(port: int, seconds: float, args: argparse.Namespace, keepalive: bool) -> dict[str, Any]:
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_snapshot(pids: list[int]) -> dict[str, Any]:
+    """The machine's CPU time by kind (``/proc/stat``) and each of ``pids``' user and system
+    time (``/proc/PID/stat``), in seconds."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()[1:9]
+    kinds = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+    machine_ = {k: int(v) / TICK for k, v in zip(kinds, fields, strict=True)}
+    procs = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                rest = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # (Fields 14 and 15 of stat(5), counted after the command's closing parenthesis.)
+        procs[pid] = (int(rest[11]) / TICK, int(rest[12]) / TICK)
+    return {"machine": machine_, "procs": procs, "at": time.monotonic()}
+
+
+def cpu_spent(before: dict[str, Any], after: dict[str, Any], pids: list[int]) -> dict[str, Any]:
+    """Where the CPUs' time went between two snapshots, as shares of all the CPUs' time."""
+    m0, m1 = before["machine"], after["machine"]
+    total = sum(m1.values()) - sum(m0.values()) or 1.0
+    spent = {k: (m1[k] - m0[k]) / total for k in m0}
+    procs = []
+    for pid in pids:
+        if pid in before["procs"] and pid in after["procs"]:
+            (u0, s0), (u1, s1) = before["procs"][pid], after["procs"][pid]
+            procs.append({"pid": pid, "user": (u1 - u0) / total, "system": (s1 - s0) / total})
+    return {
+        "idle": spent["idle"] + spent["iowait"],
+        "softirq": spent["softirq"] + spent["irq"],
+        "user": spent["user"] + spent["nice"],
+        "system": spent["system"],
+        "procs": procs,
+        "cpu_seconds": total,
+    }
+
+
+def wrk(
+    port: int,
+    seconds: float,
+    args: argparse.Namespace,
+    keepalive: bool,
+    connections: int | None = None,
+) -> dict[str, Any]:
     """Run wrk; return requests/s, errors and wrk's own CPU seconds."""
-    argv = ["wrk", "-t", "1", "-c", str(args.connections), "-d", f"{seconds:g}s"]
+    connections = connections or args.connections
+    argv = ["wrk", "-t", "1", "-c", str(connections), "-d", f"{seconds:g}s"]
     argv += ["--timeout", "10s"]
     if not keepalive:
         argv += ["-H", "Connection: close"]
@@ -180,6 +245,7 @@ def wrk(port: int, seconds: float, args: argparse.Namespace, keepalive: bool) ->
     finally:
         out_path.unlink()
     rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    requests = re.search(r"(\d+) requests in", text)
     if proc.returncode != 0 or rps is None:
         raise RuntimeError(f"wrk failed ({proc.returncode}):\n{text}")
     sockets = re.search(r"connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
@@ -188,15 +254,19 @@ def wrk(port: int, seconds: float, args: argparse.Namespace, keepalive: bool) ->
     cpu = usage.ru_utime + usage.ru_stime
     return {
         "rps": float(rps.group(1)),
+        "requests": int(requests.group(1)) if requests else 0,
         "errors": errors + (int(non_2xx[1]) if non_2xx else 0),
         "client_cpu_share": cpu / (wall * len(os.sched_getaffinity(0))),
     }
 
 
-def measure(args: argparse.Namespace, children: Children, count: int) -> dict[str, Any]:
-    proc, port, control = start(children, args, count)
+def measure(
+    args: argparse.Namespace, children: Children, count: int, balance: bool = True
+) -> dict[str, Any]:
+    proc, port, control = start(children, args, count, "" if balance else "n", balance)
     try:
-        results: dict[str, Any] = {"workers": count}
+        results: dict[str, Any] = {"workers": count, "balance": balance}
+        pids = [w["pid"] for w in (status(args.ctl, control) or {}).get("workers", [])]
         if args.warmup:
             wrk(port, args.warmup, args, keepalive=False)
         for mode, keepalive in (("fresh", False), ("keepalive", True)):
@@ -206,7 +276,9 @@ def measure(args: argparse.Namespace, children: Children, count: int) -> dict[st
             probe.start()
             sampler.start()
             try:
+                before = cpu_snapshot(pids)
                 run = wrk(port, args.duration, args, keepalive)
+                run["cpu"] = cpu_spent(before, cpu_snapshot(pids), pids)
             finally:
                 probe.stop()
                 sampler.stop()
@@ -230,6 +302,58 @@ def measure(args: argparse.Namespace, children: Children, count: int) -> dict[st
             raise ServerDied(f"graceful --workers {count} exited {code}: {children.log_tail(proc)}")
 
 
+def measure_independent(args: argparse.Namespace, children: Children, count: int) -> dict:
+    """The ceiling for a group of ``count`` on this machine: ``count`` independent single
+    processes on ports of their own, each loaded by its own wrk with its share of the
+    connections at the same time (nothing shared: no common socket, no balance, no leader)."""
+    started = [start(children, args, 1, label=f"i{i}") for i in range(count)]
+    try:
+        pids = []
+        for _, _, control in started:
+            pids += [w["pid"] for w in (status(args.ctl, control) or {}).get("workers", [])]
+        results: dict[str, Any] = {"independent": count}
+        for mode, keepalive in (("fresh", False), ("keepalive", True)):
+            if args.warmup and not keepalive:
+                warm = [
+                    threading.Thread(
+                        target=wrk, args=(port, args.warmup, args, False, args.connections // count)
+                    )
+                    for _, port, _ in started
+                ]
+                for t in warm:
+                    t.start()
+                for t in warm:
+                    t.join()
+            runs: list[dict[str, Any]] = []
+
+            def one(port: int, keepalive: bool = keepalive, runs: list = runs) -> None:
+                runs.append(wrk(port, args.duration, args, keepalive, args.connections // count))
+
+            threads = [threading.Thread(target=one, args=(port,)) for _, port, _ in started]
+            before = cpu_snapshot(pids)
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            results[mode] = {
+                "rps": sum(r["rps"] for r in runs),
+                "requests": sum(r["requests"] for r in runs),
+                "errors": sum(r["errors"] for r in runs),
+                "client_cpu_share": sum(r["client_cpu_share"] for r in runs),
+                "cpu": cpu_spent(before, cpu_snapshot(pids), pids),
+            }
+        return results
+    finally:
+        for proc, _, _ in started:
+            children.stop(proc, 30)
+
+
+def label(run: dict[str, Any]) -> str:
+    if "independent" in run:
+        return f"{run['independent']} independent"
+    return f"{run['workers']}" + ("" if run["balance"] else " no balance")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
@@ -242,6 +366,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe-interval", type=float, default=0.005, help="seconds between probes")
     p.add_argument("--bursts", type=int, default=10, help="bursts of connections opened at once")
     p.add_argument("--burst-size", type=int, default=32, help="connections per burst")
+    p.add_argument(
+        "--compare-balance",
+        action="store_true",
+        help="also measure each group of several without its balance (GRACEFUL_BALANCE=off)",
+    )
+    p.add_argument(
+        "--independent",
+        type=int,
+        default=0,
+        help="also measure this many independent single processes on ports of their own, each"
+        " with its own wrk (the ceiling for a group of that many on this machine)",
+    )
     p.add_argument("--json", help="also write the numbers to this file")
     here = Path(sys.executable).parent
     p.add_argument("--twistd", default=str(here / "twistd"))
@@ -262,32 +398,57 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for count in counts:
             runs.append(measure(args, children, count))
+            if count > 1 and args.compare_balance:
+                runs.append(measure(args, children, count, balance=False))
+        if args.independent:
+            ceiling = measure_independent(args, children, args.independent)
     finally:
         signal.signal(signal.SIGTERM, previous)
         with signals_held():
             children.kill_all()
             shutil.rmtree(tmp, ignore_errors=True)
+    rows = runs + ([ceiling] if args.independent else [])
     print(
-        f"{'workers':>7}  {'mode':<9} {'requests/s':>10}  {'errors':>6}  {'client CPU':>10}"
+        f"{'workers':<14} {'mode':<9} {'requests/s':>10}  {'errors':>6}  {'client CPU':>10}"
         "  spread over the processes (fresh: accepts; keep-alive: sessions held)"
     )
-    for run in runs:
+    for run in rows:
         for mode in ("fresh", "keepalive"):
             r = run[mode]
-            spread = " / ".join(f"{share:.0%}" for share in r["spread"])
+            spread = " / ".join(f"{share:.0%}" for share in r.get("spread", []))
             print(
-                f"{run['workers']:>7}  {mode:<9} {r['rps']:>10.0f}  {r['errors']:>6}"
+                f"{label(run):<14} {mode:<9} {r['rps']:>10.0f}  {r['errors']:>6}"
                 f"  {r['client_cpu_share']:>10.0%}  {spread}"
+            )
+    print(
+        "\nwhere the CPUs' time went (shares of all the CPUs' time during the run; each"
+        " process user+system; us/req: the server processes' CPU per request)"
+    )
+    print(
+        f"{'workers':<14} {'mode':<9} {'idle':>5} {'softirq':>7} {'client':>6} {'us/req':>6}"
+        "  processes"
+    )
+    for run in rows:
+        for mode in ("fresh", "keepalive"):
+            r = run[mode]
+            cpu = r["cpu"]
+            group = sum(p["user"] + p["system"] for p in cpu["procs"])
+            per = group * cpu["cpu_seconds"] / r["requests"] * 1e6 if r["requests"] else 0.0
+            r["server_us_per_request"] = round(per, 1)
+            procs = ", ".join(f"{p['user']:.0%}+{p['system']:.0%}" for p in cpu["procs"])
+            print(
+                f"{label(run):<14} {mode:<9} {cpu['idle']:>5.0%} {cpu['softirq']:>7.0%}"
+                f" {r['client_cpu_share']:>6.0%} {per:>6.0f}  {procs}"
             )
     for run in runs:
         if run["workers"] > 1 and "burst_largest_share" in run:
             print(
-                f"{run['workers']} workers: bursts of {args.burst_size} connections opened at"
+                f"{label(run)}: bursts of {args.burst_size} connections opened at"
                 f" once, the largest share one process took: {run['burst_largest_share']:.0%}"
                 f" on average (even: {1 / run['workers']:.0%})"
             )
     one = next((r for r in runs if r["workers"] == 1), None)
-    two = next((r for r in runs if r["workers"] == 2), None)
+    two = next((r for r in runs if r["workers"] == 2 and r["balance"]), None)
     verdict = None
     if one and two:
         ratio = two["fresh"]["rps"] / one["fresh"]["rps"]
@@ -296,9 +457,22 @@ def main(argv: list[str] | None = None) -> int:
             f"2 workers / 1 worker, fresh connections: {ratio:.2f}x"
             f" (target at least {TARGET_RATIO}x): {'met' if verdict else 'NOT met'}"
         )
+        if args.independent == 2:
+            print(
+                f"2 independent processes / 1, fresh connections:"
+                f" {ceiling['fresh']['rps'] / one['fresh']['rps']:.2f}x (the ceiling here)"
+            )
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"machine": machine(), "runs": runs, "target_met": verdict}, indent=2)
+            json.dumps(
+                {
+                    "machine": machine(),
+                    "runs": runs,
+                    "independent": ceiling if args.independent else None,
+                    "target_met": verdict,
+                },
+                indent=2,
+            )
         )
     return 0
 

@@ -7,7 +7,9 @@ machine, from the machine in L{graceful_plugin.machine} itself (never drawn by h
 - ``_generated/machine-full.svg``: automat's own diagram (C{GenerationMachine.asDigraph()}),
   every input of every state, including those a state ignores;
 - ``_generated/transitions.md``: a table of the state-changing transitions and the effects each
-  one asks for, found by driving the real machine with a recording effects provider.
+  one asks for, found by driving the real machine with a recording effects provider;
+- ``_generated/workers.svg``: the leader's view of each place of its group of workers, from the
+  table the group follows (L{graceful_plugin.workers.SLOT_TRANSITIONS}).
 
 The build fails with a clear message when ``dot`` is not installed.
 """
@@ -34,6 +36,7 @@ from graceful_plugin.machine import (
     makeGeneration,
 )
 from graceful_plugin.successor import SuccessorMachine
+from graceful_plugin.workers import SLOT_INITIAL, SLOT_TRANSITIONS
 
 #: The order states are shown in: the life of one generation.
 _ORDER = ["serving", "handing_off", "committed", "draining", "retiring", "terminated"]
@@ -184,6 +187,50 @@ def compactSource(machine: Any = GenerationMachine, order: list[str] = _ORDER) -
     return "\n".join(lines) + "\n"
 
 
+#: The order a group's places are shown in: starting, serving, winding down, ended.
+_GROUP_ORDER = [
+    "starting",
+    "ready",
+    "serving",
+    "paused",
+    "released",
+    "draining",
+    "stopping",
+    "ended",
+    "gone",
+]
+
+
+def groupSource() -> str:
+    """
+    Graphviz source for the states of a place in a group of workers and the events that move it
+    (the acknowledgement of each command, the worker's end, its replacement).
+    """
+    edges: dict[tuple[str, str], list[str]] = {}
+    states = set()
+    for (before, event), after in SLOT_TRANSITIONS.items():
+        states.update((before, after))
+        edges.setdefault((before, after), []).append(event)
+    order = sorted(states, key=lambda s: _GROUP_ORDER.index(s) if s in _GROUP_ORDER else 99)
+    lines = [
+        "digraph workers {",
+        "  rankdir=LR;",
+        '  node [shape=box, style="rounded", fontname="Helvetica"];',
+        '  edge [fontname="Helvetica", fontsize=10];',
+        '  start [shape=point, label=""];',
+        f'  start -> "{SLOT_INITIAL}";',
+    ]
+    for state in order:
+        lines.append(f'  "{state}";')
+    for (before, after), events in sorted(
+        edges.items(), key=lambda e: (order.index(e[0][0]), order.index(e[0][1]))
+    ):
+        label = "\\n".join(sorted(events))
+        lines.append(f'  "{before}" -> "{after}" [label="{label}"];')
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
 def transitionsMarkdown() -> str:
     """
     The table of state-changing transitions and their effects, as MyST markdown.
@@ -228,6 +275,7 @@ def generate(directory: Path) -> None:
     _render(GenerationMachine.asDigraph().source, directory / "machine-full.svg")
     _write(directory / "transitions.md", transitionsMarkdown().encode())
     _render(compactSource(SuccessorMachine, _SUCCESSOR_ORDER), directory / "successor.svg")
+    _render(groupSource(), directory / "workers.svg")
 
 
 def _builderInited(app: Sphinx) -> None:

@@ -554,6 +554,8 @@ class _AdoptablePortMixin:
     #: whole by the first one to wake.
     acceptBatch: int | None = None
     _numberAccepts = 100
+    #: Held by the group's balance: accepting, but not reading for a moment.
+    _held = False
 
     @property
     def numberAccepts(self) -> int:
@@ -580,7 +582,23 @@ class _AdoptablePortMixin:
         """
         if not self._accepting and self.connected:  # type: ignore[attr-defined]
             self._accepting = True
-            self.startReading()  # type: ignore[attr-defined]
+            if not self._held:
+                self.startReading()  # type: ignore[attr-defined]
+
+    def hold(self, held: bool) -> None:
+        """
+        Stop calling C{accept()} for a moment while accepting (or start again): the group's
+        balance (L{graceful_plugin.balance}) holds a process that has more than its share.  The
+        port stays in the accepting state; pausing and resuming keep the hold.
+        """
+        if held == self._held:
+            return
+        self._held = held
+        if self._accepting:
+            if held:
+                self.stopReading()  # type: ignore[attr-defined]
+            else:
+                self.startReading()  # type: ignore[attr-defined]
 
     @property
     def accepting(self) -> bool:

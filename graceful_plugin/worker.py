@@ -60,6 +60,9 @@ class WorkerConfig:
         C{None} for the demo application.
     @ivar generation: the generation's number (the demo application shows it).
     @ivar drainTimeout: seconds sessions have to finish once draining.
+    @ivar board: the descriptor of the group's balance table (L{graceful_plugin.balance.Board}),
+        or C{None}.
+    @ivar boardSize: how many slots that table has (the group's process count).
     """
 
     index: int
@@ -69,6 +72,8 @@ class WorkerConfig:
     application: list[str] | None = None
     generation: int = 1
     drainTimeout: float = 60.0
+    board: int | None = None
+    boardSize: int = 0
 
     def toJSON(self) -> str:
         return json.dumps(asdict(self))
@@ -113,6 +118,8 @@ class Worker:
         self.index = index
         self.drainTimeout = drainTimeout
         self.link: WorkerLink | None = None
+        #: The group's balance for this process (L{graceful_plugin.balance.Balancer}), if any.
+        self.balancer: Any = None
         self.exitCode = 0
         self._draining = False
         self._released = False
@@ -129,12 +136,18 @@ class Worker:
     def pause(self) -> None:
         for port in self.ports:
             port.pauseAccepting()
+        self._balanceChanged()
 
     def resume(self) -> None:
         if self._released:
             return
         for port in self.ports:
             port.resumeAccepting()
+        self._balanceChanged()
+
+    def _balanceChanged(self) -> None:
+        if self.balancer is not None:
+            self.balancer.changed()
 
     def release(self) -> None:
         """
@@ -143,6 +156,8 @@ class Worker:
         if self._released:
             return
         self._released = True
+        if self.balancer is not None:
+            self.balancer.stop()
         for port in self.ports:
             port.release()
 
@@ -352,6 +367,12 @@ def run(config: WorkerConfig, reactor: Any = None) -> int:
         return 1
     shareAccepts(ports)
     worker = Worker(reactor, ports, config.index, config.drainTimeout)
+    if config.board is not None:
+        from graceful_plugin.balance import Balancer, Board, balancedPorts
+
+        worker.balancer = Balancer(
+            Board(config.board, config.boardSize), config.index, balancedPorts(ports), reactor
+        )
     worker.link = WorkerLink(worker)
     reactor.adoptStreamConnection(config.link, socket.AF_UNIX, OneProtocol(worker.link))
     os.close(config.link)

@@ -24,6 +24,55 @@ from zope.interface import Attribute, Interface
 #: The commands a group obeys, each acknowledged by every worker.
 COMMANDS = ("pause", "resume", "release", "drain", "stop")
 
+#: What the leader knows of each place in its group, and what moves it from one state to the
+#: next: C{(state, event): next state}.  The group follows this table and nothing else (an
+#: event a state does not list leaves it as it is), and the docs draw the group's diagram from
+#: it.  A worker acknowledging a command is the event named after the command (C{resumed},
+#: C{paused}, C{released}, C{drained}, C{stopping}); C{ended} is the worker's process ending,
+#: for whatever reason; an ended place is C{replaced} after a backoff while the group serves,
+#: or C{retired} once the group releases, drains or stops (or never started).
+SLOT_TRANSITIONS: dict[tuple[str, str], str] = {
+    ("starting", "ready"): "ready",
+    ("starting", "ended"): "ended",
+    **{
+        (state, event): after
+        for state in ("ready", "serving", "paused")
+        for event, after in (
+            ("resumed", "serving"),
+            ("paused", "paused"),
+            ("released", "released"),
+            ("drained", "draining"),
+            ("stopping", "stopping"),
+            ("ended", "ended"),
+        )
+        if after != state
+    },
+    ("released", "drained"): "draining",
+    ("released", "stopping"): "stopping",
+    ("released", "ended"): "ended",
+    ("draining", "stopping"): "stopping",
+    ("draining", "ended"): "ended",
+    ("stopping", "ended"): "ended",
+    ("ended", "replaced"): "starting",
+    ("ended", "retired"): "gone",
+}
+
+#: The state of a new place.
+SLOT_INITIAL = "starting"
+
+#: The states of a worker that said it is ready and has not ended: it is told the group's
+#: commands.
+READY_STATES = frozenset({"ready", "serving", "paused", "released", "draining", "stopping"})
+
+#: The event a worker's acknowledgement of each command is.
+_ACKNOWLEDGED = {
+    "resume": "resumed",
+    "pause": "paused",
+    "release": "released",
+    "drain": "drained",
+    "stop": "stopping",
+}
+
 
 class WorkerFailed(Exception):
     """
@@ -70,7 +119,8 @@ class _Slot:
 
     index: int
     worker: Any = None
-    ready: bool = False
+    #: Where this place is in L{SLOT_TRANSITIONS}.
+    state: str = SLOT_INITIAL
     sessions: int = 0
     #: How many times this place's worker was replaced.
     restarts: int = 0
@@ -81,6 +131,21 @@ class _Slot:
     replaceCall: Any = None
     readyCall: Any = None
     waiting: list[Deferred[None]] = field(default_factory=list)
+
+    @property
+    def ready(self) -> bool:
+        """
+        Whether the worker said it is ready and has not ended.
+        """
+        return self.state in READY_STATES
+
+    def move(self, event: str) -> str:
+        """
+        Follow C{event} in L{SLOT_TRANSITIONS} (an event the state does not list changes
+        nothing); return the state now.
+        """
+        self.state = SLOT_TRANSITIONS.get((self.state, event), self.state)
+        return self.state
 
 
 class WorkerGroup:
@@ -188,7 +253,6 @@ class WorkerGroup:
         """
         worker = self._spawn(slot.index, lambda count: self._reported(slot, worker, count))
         slot.worker = worker
-        slot.ready = False
         slot.sessions = 0
         waiting: Deferred[None] = Deferred()
 
@@ -211,7 +275,7 @@ class WorkerGroup:
                 slot.readyCall = None
             if waiting.called or slot.worker is not worker:
                 return
-            slot.ready = True
+            slot.move("ready")
             slot.since = self._clock.seconds()
             self.log.info("worker {index} (pid {pid}) ready", index=slot.index, pid=worker.pid)
             waiting.callback(None)
@@ -249,8 +313,8 @@ class WorkerGroup:
         wasReady = slot.ready
         pending: list[Deferred[None]] = []
         if current:
-            slot.ready = False
             slot.worker = None
+            slot.move("ended")
             slot.sessions = 0
             pending, slot.waiting = slot.waiting, []
         # The slot is empty before anyone hears of the end (a failed start stops the group).
@@ -268,6 +332,7 @@ class WorkerGroup:
         if self._sessionsChanged is not None:
             self._sessionsChanged()
         if self._retiring or not self._started:
+            slot.move("retired")
             self.log.info(
                 "worker {index} (pid {pid}) ended: {status}",
                 index=slot.index,
@@ -293,8 +358,10 @@ class WorkerGroup:
     def _replace(self, slot: _Slot) -> None:
         slot.replaceCall = None
         if self._retiring:
+            slot.move("retired")
             self._checkAllEnded()
             return
+        slot.move("replaced")
         slot.restarts += 1
         self.restarts += 1
         d = self._fill(slot)
@@ -334,6 +401,7 @@ class WorkerGroup:
                 if slot.replaceCall is not None:
                     slot.replaceCall.cancel()
                     slot.replaceCall = None
+                    slot.move("retired")
         if name not in ("pause", "resume"):
             # A worker still starting never accepted: it has nothing to release or drain.
             for slot in self._slots:
@@ -384,6 +452,8 @@ class WorkerGroup:
         def acknowledged(_: object) -> None:
             if not done.called:
                 finished()
+                if slot.worker is worker:
+                    slot.move(_ACKNOWLEDGED[name])
                 done.callback(None)
 
         def refused(failure: Failure) -> None:
@@ -413,6 +483,7 @@ class WorkerGroup:
             if slot.replaceCall is not None:
                 slot.replaceCall.cancel()
                 slot.replaceCall = None
+                slot.move("retired")
             worker = slot.worker
             if worker is None:
                 continue
@@ -473,6 +544,12 @@ class WorkerGroup:
         The live sessions of every worker, as each last reported.
         """
         return sum(slot.sessions for slot in self._slots)
+
+    def states(self) -> list[str]:
+        """
+        Where each place of the group is in L{SLOT_TRANSITIONS} (for the log and the tests).
+        """
+        return [slot.state for slot in self._slots]
 
     def describe(self) -> list[dict[str, Any]]:
         """

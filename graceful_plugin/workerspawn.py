@@ -26,6 +26,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from graceful_plugin.balance import Balancer, Board, balancedPorts, balanceWanted
 from graceful_plugin.control import AdoptConnection, NoHandoff
 from graceful_plugin.handover import relay
 from graceful_plugin.lifecycle import Observer
@@ -153,12 +154,14 @@ def spawnWorker(
     application: list[str] | None,
     generation: int,
     drainTimeout: float,
+    board: Board | None = None,
 ) -> WorkerProcess:
     """
     Start worker C{index} (at idle priority; it restores its own before it says it is ready).
 
     @param listeners: one entry per listening socket: C{fd} (ours, duplicated into the
         worker), C{kind}, C{name} and C{spec}.
+    @param board: the group's balance table, shared with the worker (or C{None}).
     """
     from graceful_plugin.takeover import idleChildren
 
@@ -171,6 +174,10 @@ def spawnWorker(
         for number, entry in enumerate(listeners, FIRST_LISTENER_FD):
             childFDs[number] = entry["fd"]
             entries.append({**entry, "fd": number})
+        boardFD = None
+        if board is not None:
+            boardFD = FIRST_LISTENER_FD + len(listeners)
+            childFDs[boardFD] = board.fileno()
         config = WorkerConfig(
             index=index,
             leader=os.getpid(),
@@ -179,6 +186,8 @@ def spawnWorker(
             application=application,
             generation=generation,
             drainTimeout=drainTimeout,
+            board=boardFD,
+            boardSize=board.size if board is not None else 0,
         )
         with idleChildren():
             transport = reactor.spawnProcess(
@@ -256,6 +265,9 @@ class WorkerSupervisor(Observer, service.Service):
         self._spawn = spawn
         self._onSessions = sessionsChanged
         self.group: WorkerGroup | None = None
+        #: This process's side of the group's balance (L{graceful_plugin.balance}), if any.
+        self.balancer: Balancer | None = None
+        self._boards: list[Board] = []
         #: Groups that let go of the listeners and drain out (a standby resumed without them).
         self._retired: list[WorkerGroup] = []
         self._stopped: Deferred[None] | None = None
@@ -279,8 +291,16 @@ class WorkerSupervisor(Observer, service.Service):
         """
         assert self.group is None, "a generation starts its workers once"
         listeners = listenerEntries(ports)
+        board: Board | None = None
         if self.count > 1:
             shareAccepts(ports)
+        if self.count > 1 and balanceWanted():
+            # Each group its own table: a retired group's workers still write to theirs.
+            board = Board.create(self.count)
+            self._boards.append(board)
+            if self.balancer is not None:
+                self.balancer.stop()
+            self.balancer = Balancer(board, 0, balancedPorts(ports), self.reactor)
 
         def spawn(index: int, report: Callable[[int], None]) -> Any:
             worker = self._spawn(
@@ -291,8 +311,17 @@ class WorkerSupervisor(Observer, service.Service):
                 self.application,
                 generation,
                 self.drainTimeout,
+                board,
             )
             worker.relay = self.relayConnection
+            ended = getattr(worker, "ended", None)
+            if board is not None and ended is not None:
+                # A worker that has gone neither accepts nor holds sessions any more.
+                def gone(status: str) -> str:
+                    board.clear(index)
+                    return status
+
+                ended.addCallback(gone)
             return worker
 
         def changed() -> None:
@@ -317,6 +346,7 @@ class WorkerSupervisor(Observer, service.Service):
         if self.group is None:
             return succeed(None)
         d = self.group.command("resume")
+        self._balanceChanged()
         if self.active:
             d.addCallback(
                 lambda _: self.log.info("{count} workers accepting", count=len(self.group or ()))
@@ -329,7 +359,13 @@ class WorkerSupervisor(Observer, service.Service):
         """
         if self.group is None:
             return succeed(None)
+        self._balanceChanged()
         return self.group.command("pause")
+
+    def _balanceChanged(self) -> None:
+        # Whether the leader accepts changed (no session did): the others read it on the board.
+        if self.balancer is not None:
+            self.balancer.changed()
 
     def serving(self, server: Any) -> None:
         if self.group is not None or self.count <= 1 or self._stopping:
@@ -368,6 +404,8 @@ class WorkerSupervisor(Observer, service.Service):
         self._handedTo = server
         if not self.active:
             return
+        if self.balancer is not None:
+            self.balancer.stop()
         group = self.group
         assert group is not None
         d = group.command("release")
@@ -382,8 +420,13 @@ class WorkerSupervisor(Observer, service.Service):
         # their place (the old one drains out); the leader accepts alone meanwhile.
         if self.group is None or self._stopping or self.count <= 1:
             return
-        self._retired.append(self.group)
+        retired = self.group
+        self._retired.append(retired)
         self.group = None
+        if self._boards:
+            # Its table goes once its last worker has (they write to it until then).
+            board = self._boards.pop()
+            retired.whenEnded().addCallback(lambda _: board.close())
         self.log.info("serving again: starting {count} workers", count=self.count - 1)
         d = self.startWith(server.ports, server.generation)
         d.addCallback(lambda _: self.resume())
@@ -411,14 +454,22 @@ class WorkerSupervisor(Observer, service.Service):
         """
         Stop every worker (a successor stepping back); fires when all have ended.
         """
+        if self.balancer is not None:
+            self.balancer.stop()
         groups = [group for group in [self.group, *self._retired] if group is not None]
         if not groups:
+            self._closeBoards()
             return succeed(None)
         if self._stopped is None:
             self._stopped = DeferredList([group.stop() for group in groups]).addCallback(
-                lambda _: None
+                lambda _: self._closeBoards()
             )
         return self._stopped
+
+    def _closeBoards(self) -> None:
+        boards, self._boards = self._boards, []
+        for board in boards:
+            board.close()
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()

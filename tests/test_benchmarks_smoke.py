@@ -175,8 +175,9 @@ def test_article_experiment_counts_what_the_article_saw(tmp_path):
 
 @pytest.mark.slow
 def test_workersBenchmarkPrintsEveryCount(tmp_path: Path) -> None:
-    """workers.py measures 1 and 2 workers (fresh and keep-alive) and prints each run, with the
-    spread of connections over the processes and no error."""
+    """workers.py measures 1 and 2 workers (fresh and keep-alive), 2 without the balance and 2
+    independent processes, and prints each run, with the spread of connections over the
+    processes, where the CPUs' time went, and no error."""
     import shutil
 
     _require_graceful()
@@ -185,12 +186,23 @@ def test_workersBenchmarkPrintsEveryCount(tmp_path: Path) -> None:
     out = tmp_path / "workers.json"
     argv = [sys.executable, str(BENCHMARKS / "workers.py"), "--workers", "1", "--workers", "2"]
     argv += ["--duration", "1", "--warmup", "0", "--connections", "4", "--json", str(out)]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    argv += ["--compare-balance", "--independent", "2", "--bursts", "2"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=180, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "2 workers / 1 worker, fresh connections" in done.stdout
-    runs = json.loads(out.read_text())["runs"]
-    assert [run["workers"] for run in runs] == [1, 2]
+    assert "2 independent processes / 1, fresh connections" in done.stdout
+    assert "where the CPUs' time went" in done.stdout
+    result = json.loads(out.read_text())
+    runs = result["runs"]
+    assert [(run["workers"], run["balance"]) for run in runs] == [(1, True), (2, True), (2, False)]
+    independent = result["independent"]
+    for mode in ("fresh", "keepalive"):
+        assert independent[mode]["rps"] > 0 and independent[mode]["errors"] == 0
+        assert len(independent[mode]["cpu"]["procs"]) == 2
     for run in runs:
+        for mode in ("fresh", "keepalive"):
+            assert len(run[mode]["cpu"]["procs"]) == run["workers"]
+            assert run[mode]["server_us_per_request"] > 0
         for mode in ("fresh", "keepalive"):
             assert run[mode]["rps"] > 0 and run[mode]["errors"] == 0
         # Every process accepted some of the probes; the keep-alive spread is one status read,

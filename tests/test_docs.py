@@ -1,6 +1,6 @@
 """
-The documentation site: it builds without warnings, and its state diagram and transition table
-are generated from the machine's code.
+The documentation site: it builds without warnings, and its state diagrams and transition table
+are generated from the code (the generation's machine, the group's table).
 """
 
 from __future__ import annotations
@@ -60,6 +60,11 @@ def test_docsBuildWithoutWarnings(tmp_path: Path) -> None:
     ):
         assert word in svg
     assert "releaseListeners" in page
+    workers = (out / "workers.html").read_text()
+    assert "_images/workers.svg" in workers
+    svg = (out / "_images" / "workers.svg").read_text()
+    for word in ("starting", "serving", "paused", "draining", "ended", "gone", "replaced"):
+        assert word in svg
 
 
 @needsSphinx
@@ -98,3 +103,25 @@ def test_generatedFromTheMachine() -> None:
     for before, inputName, after in changes:
         assert f'"{before}" -> "{after}"' in source
         assert inputName in source
+
+
+@needsSphinx
+def test_groupDiagramFromTheTable() -> None:
+    """
+    The group's diagram draws every transition of the table the group follows
+    (SLOT_TRANSITIONS), each labelled with its event, and no other.
+    """
+    sys.path.insert(0, str(DOCS))
+    try:
+        import diagram
+    finally:
+        sys.path.remove(str(DOCS))
+    from graceful_plugin.workers import SLOT_TRANSITIONS
+
+    source = diagram.groupSource()
+    drawn = [line for line in source.splitlines() if " -> " in line and "start ->" not in line]
+    pairs = {(before, after) for (before, _), after in SLOT_TRANSITIONS.items()}
+    assert len(drawn) == len(pairs)
+    for (before, event), after in SLOT_TRANSITIONS.items():
+        [line] = [d for d in drawn if d.strip().startswith(f'"{before}" -> "{after}"')]
+        assert event in line

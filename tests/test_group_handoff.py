@@ -14,6 +14,7 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory
 
+from graceful_plugin.balance import ACCEPTING, IDLE, Board
 from graceful_plugin.control import PROTOCOL_VERSION, Abort, Accepting, Commit, Hello, NoHandoff
 from graceful_plugin.server import GracefulServer
 from graceful_plugin.workerspawn import WorkerSupervisor
@@ -178,6 +179,33 @@ class GroupCommitTests(GroupTestCase):
         self.assertEqual(self.server.liveSessions(), 1 + 2)
         self.assertEqual([w.pending() for w in self.workers], [["drain"], ["drain"]])
 
+    def test_resumedStandbyGetsANewBalanceTable(self) -> None:
+        """
+        The new group of a standby that serves again shares a new table with the leader (the old
+        workers still write to theirs while they drain), and the old table is closed once the
+        last old worker has ended.
+        """
+        old = self.spawnedWith[-1]
+        client, pump, results = self.committing_(standby=True)
+        for worker in self.workers:
+            worker.ack("pause")
+        pump.flush()
+        self.web.sessions.opened(object())  # (so that the old generation drains, standing by)
+        self.call(pump, client, Accepting)
+        for worker in self.workers:
+            worker.ack("release")
+        client.transport.loseConnection()  # type: ignore[union-attr]
+        pump.flush()
+        new = self.spawnedWith[-1]
+        self.assertIsNot(new, old)
+        assert self.supervisor.balancer is not None
+        self.assertIs(self.supervisor.balancer.board, new)
+        self.assertNotEqual(old.fileno(), -1)
+        for worker in self.workers:
+            worker.die("exit status 0")
+        self.assertEqual(old.fileno(), -1)
+        self.assertNotEqual(new.fileno(), -1)
+
     def committing_(self, standby: bool) -> tuple[Any, Any, list[Any]]:
         client, _, pump = self.connect()
         self.call(pump, client, Hello, version=PROTOCOL_VERSION, pid=4242, standby=standby)
@@ -289,3 +317,50 @@ class GroupMetricsTests(GroupTestCase):
         self.assertNotIn(replacement, self.workers)
         samples = self.scrape()
         self.assertEqual(samples[("graceful_worker_restarts_total", (("generation", "1"),))], 1)
+
+
+class GroupBalanceTests(GroupTestCase):
+    def test_theGroupSharesOneBalanceTable(self) -> None:
+        """
+        Every worker is started with the group's balance table, one slot per process, the
+        leader's own balance on slot 0.
+        """
+        board = self.spawnedWith[-1]
+        self.assertIsInstance(board, Board)
+        self.assertEqual(board.size, 3)
+        assert self.supervisor.balancer is not None
+        self.assertIs(self.supervisor.balancer.board, board)
+        self.assertEqual(self.supervisor.balancer.index, 0)
+
+    def test_aWorkerThatEndedIsClearedFromTheTable(self) -> None:
+        """
+        When a worker ends, the leader clears its slot: the others no longer count on it to
+        accept, nor its sessions in the mean.
+        """
+        board = self.spawnedWith[-1]
+        board.publish(2, 5, ACCEPTING)  # as worker 2 would
+        self.workers[1].die("killed by SIGKILL")
+        self.assertEqual(board.read()[2], (0, IDLE))
+
+    def test_stoppingClosesTheTable(self) -> None:
+        """
+        Once every worker of a stopped group has ended, the table is closed (its descriptor
+        too: descriptor counts stay flat).
+        """
+        board = self.spawnedWith[-1]
+        fd = board.fileno()
+        stopped = self.supervisor.abandon()
+        for worker in self.workers:
+            worker.die("exit status 0")
+        self.successResultOf(stopped)
+        self.assertEqual(board.fileno(), -1)
+        with self.assertRaises(OSError):
+            os.fstat(fd)
+
+    def test_oneProcessHasNoBalance(self) -> None:
+        """
+        A generation of one process (no workers) has no table and no balance: nothing changes.
+        """
+        alone = WorkerSupervisor(1, None, 60.0, self.reactor, spawn=lambda *a: None)
+        self.successResultOf(alone.startWith(self.server.ports, 1))
+        self.assertIsNone(alone.balancer)

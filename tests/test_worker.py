@@ -33,6 +33,10 @@ class FakePort:
         self.sessions = SessionTracker()
         self.accepting = False
         self.released = False
+        self.held = False
+
+    def hold(self, held: bool) -> None:
+        self.held = held
 
     def pauseAccepting(self) -> None:
         self.accepting = False
@@ -106,6 +110,32 @@ def test_pauseAndResume() -> None:
     assert all(p.accepting for p in ports)
     worker.pause()
     assert not any(p.accepting for p in ports)
+
+
+def test_pauseResumeAndReleaseShowOnTheBalanceTable() -> None:
+    """
+    What the leader tells a worker shows at once in its slot of the group's balance table:
+    accepting after resume, idle after pause, and idle for good once released.
+    """
+    from graceful_plugin.balance import ACCEPTING, IDLE, Balancer, Board
+
+    worker, fakes, clock = makeWorker()
+    board = Board.create(2)
+    try:
+        worker.balancer = Balancer(board, 1, fakes, clock)
+        assert board.read()[1] == (0, IDLE)
+        worker.resume()
+        assert board.read()[1] == (0, ACCEPTING)
+        worker.pause()
+        assert board.read()[1] == (0, IDLE)
+        worker.resume()
+        fakes[0].sessions.opened(FakeConnection())
+        assert board.read()[1] == (1, ACCEPTING)
+        worker.release()
+        fakes[0].sessions.opened(FakeConnection())
+        assert board.read()[1] == (0, IDLE)
+    finally:
+        board.close()
 
 
 def test_releaseNeverResumesAgain() -> None:
@@ -326,10 +356,11 @@ def test_describeStatus() -> None:
     assert describeStatus(Failure(ProcessTerminated(signal=9))) == "killed by SIGKILL"
 
 
-def test_sharedPortsAcceptOneConnectionPerWakeUp() -> None:
+def test_sharedPortsAcceptABatchPerWakeUp() -> None:
     """
-    A port of a group (L{shareAccepts}) accepts one waiting connection per wake-up, leaving the
-    rest of a burst to the other processes; a port of a single process takes them all.
+    A port of a group (L{shareAccepts}) accepts at most L{ACCEPT_BATCH} waiting connections per
+    wake-up, leaving the rest of a burst to the other processes (and to its balance, which holds
+    it once it has more than its share); a port of a single process takes them all.
     """
     import socket
 
@@ -337,7 +368,7 @@ def test_sharedPortsAcceptOneConnectionPerWakeUp() -> None:
     from twisted.internet.testing import MemoryReactorClock
 
     from graceful_plugin.listeners import adoptListener
-    from graceful_plugin.workercontrol import shareAccepts
+    from graceful_plugin.workercontrol import ACCEPT_BATCH, shareAccepts
 
     listening = socket.socket()
     listening.bind(("127.0.0.1", 0))
@@ -347,14 +378,16 @@ def test_sharedPortsAcceptOneConnectionPerWakeUp() -> None:
     shared = adoptListener(reactor, listening.fileno(), "tcp", Factory.forProtocol(Protocol))
     alone = adoptListener(reactor, listening.fileno(), "tcp", Factory.forProtocol(Protocol))
     listening.close()
-    clients = [socket.create_connection(("127.0.0.1", shared.getHost().port)) for _ in range(4)]
+    clients = [
+        socket.create_connection(("127.0.0.1", shared.getHost().port))
+        for _ in range(ACCEPT_BATCH + 24)
+    ]
     try:
         shareAccepts([shared])
         shared.doRead()
-        shared.doRead()
-        assert shared.sessions.count == 2
+        assert shared.sessions.count == ACCEPT_BATCH
         alone.doRead()
-        assert alone.sessions.count == 2
+        assert alone.sessions.count == 24
     finally:
         for client in clients:
             client.close()

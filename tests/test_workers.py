@@ -478,3 +478,93 @@ def test_startFailsWhenAWorkerCannotBeSpawned() -> None:
     assert "worker 2 could not be started: no such interpreter" in failure.getErrorMessage()
     assert spawner.started[0].killed
     successResultOf(group.whenEnded())
+
+
+def test_statesFollowTheTableThroughAGroupsLife() -> None:
+    """
+    Each place of the group moves through SLOT_TRANSITIONS as its worker gets ready,
+    acknowledges commands, dies while serving and is replaced, and ends once the group retires.
+    """
+    group, spawner, clock = makeGroup(2)
+    d = group.start()
+    assert group.states() == ["starting", "starting"]
+    spawner.started[0].ready.callback(None)
+    assert group.states() == ["ready", "starting"]
+    spawner.started[1].ready.callback(None)
+    successResultOf(d)
+    resumed = group.command("resume")
+    spawner.started[0].ack("resume")
+    assert group.states() == ["serving", "ready"]  # (moved by each acknowledgement)
+    spawner.started[1].ack("resume")
+    successResultOf(resumed)
+    spawner.started[1].die("killed by SIGKILL")
+    assert group.states() == ["serving", "ended"]
+    clock.advance(group.backoff)
+    assert group.states() == ["serving", "starting"]
+    spawner.started[2].ready.callback(None)
+    spawner.started[2].ack("resume")
+    assert group.states() == ["serving", "serving"]
+    paused = group.command("pause")
+    for worker in spawner.live():
+        worker.ack("pause")
+    successResultOf(paused)
+    assert group.states() == ["paused", "paused"]
+    released = group.command("release")
+    for worker in spawner.live():
+        worker.ack("release")
+    successResultOf(released)
+    assert group.states() == ["released", "released"]
+    drained = group.command("drain")
+    for worker in spawner.live():
+        worker.ack("drain")
+    successResultOf(drained)
+    assert group.states() == ["draining", "draining"]
+    spawner.started[0].die("exit status 0")
+    assert group.states() == ["gone", "draining"]
+    spawner.started[2].die("exit status 0")
+    assert group.states() == ["gone", "gone"]
+    successResultOf(group.whenEnded())
+
+
+def test_aPlaceWaitingForItsReplacementIsRetiredByAStop() -> None:
+    """
+    A place whose worker died while serving goes from ended to gone when the group is stopped
+    before the replacement starts: nobody takes it again.
+    """
+    group, spawner, clock = startedGroup(2)
+    spawner.started[0].die("killed by SIGKILL")
+    assert group.states() == ["ended", "serving"]
+    group.stop()
+    assert group.states() == ["gone", "serving"]
+    spawner.started[1].ack("stop")
+    assert group.states() == ["gone", "stopping"]
+    spawner.started[1].die("exit status 0")
+    assert group.states() == ["gone", "gone"]
+    clock.advance(60)
+    assert len(spawner.started) == 2
+
+
+def test_everyStateIsReachableAndCanEnd() -> None:
+    """
+    In SLOT_TRANSITIONS every state is reached from the first, every state but gone can reach
+    gone, and gone leads nowhere: a place never gets stuck, and a retired one stays retired.
+    """
+    from graceful_plugin.workers import SLOT_INITIAL, SLOT_TRANSITIONS
+
+    edges: dict[str, set[str]] = {}
+    for (state, _), after in SLOT_TRANSITIONS.items():
+        edges.setdefault(state, set()).add(after)
+        edges.setdefault(after, set())
+
+    def reach(start: str) -> set[str]:
+        seen, todo = {start}, [start]
+        while todo:
+            for after in edges[todo.pop()]:
+                if after not in seen:
+                    seen.add(after)
+                    todo.append(after)
+        return seen
+
+    assert reach(SLOT_INITIAL) == set(edges)
+    assert all("gone" in reach(state) for state in edges)
+    assert edges["gone"] == set()
