@@ -454,6 +454,22 @@ class Generation:
         self.exitCall = self.reactor.callLater(2.0, self.process.stop)
         link.transport.loseConnection()
 
+    def successorLinkLost(self) -> None:
+        """
+        The successor's control link closed: a handoff in progress is rolled back, a standby
+        resumes; once we drained, the process exits now (nothing is left to flush); while we
+        drain after the handoff, we report to whoever serves now on a link of our own.
+        """
+        assert self.machine is not None
+        self.machine.successorLost("the successor disconnected")
+        self.successor = None
+        if self.exitCall is not None and self.exitCall.active():
+            self.exitCall.cancel()
+            self.process.stop()
+        elif self.stillReporting():
+            # Whoever serves now hears from us directly.
+            self.upstream.lost()
+
     # -- sessions and reports ---------------------------------------------------------------
 
     def liveSessions(self) -> int:
