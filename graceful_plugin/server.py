@@ -64,7 +64,8 @@ class GracefulServer(service.Service):
 
     log = Logger()
 
-    # The generation's, through the service (L{_OnGeneration}).
+    # The generation's, through the service (L{_OnGeneration}): what the successor's side
+    # (takeover.py), tap.py, the metrics (metrics.py) and the tests use.
     generation = _OnGeneration()
     startedAt = _OnGeneration()
     machine = _OnGeneration()
@@ -73,33 +74,19 @@ class GracefulServer(service.Service):
     controlPort = _OnGeneration()
     figures = _OnGeneration()
     draining = _OnGeneration()
-    upstream = _OnGeneration()
     standby = _OnGeneration()
     observers = _OnGeneration()
     workers = _OnGeneration()
-    successor = _OnGeneration()
-    successorPid = _OnGeneration()
-    committedAt = _OnGeneration()
-    handedOver = _OnGeneration()
     stopping = _OnGeneration()
-    exitCall = _OnGeneration()
-    tell = _OnGeneration()
     stopGracefully = _OnGeneration()
     beginServing = _OnGeneration()
     liveSessions = _OnGeneration()
     workersChanged = _OnGeneration()
-    sessionsChanged = _OnGeneration()
     ownEntry = _OnGeneration()
-    drainingEntries = _OnGeneration()
     drainingGenerations = _OnGeneration()
     workerEntries = _OnGeneration()
     adoptPredecessorLink = _OnGeneration()
-    reportTo = _OnGeneration()
-    stillReporting = _OnGeneration()
-    isDraining = _OnGeneration()
-    successorLink = _OnGeneration()
     pauseAccepting = _OnGeneration()
-    resumeAccepting = _OnGeneration()
     releaseListeners = _OnGeneration()
     beginDrain = _OnGeneration()
 
