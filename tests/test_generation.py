@@ -227,3 +227,32 @@ class GenerationTests(GenerationTestCase):
         self.assertEqual(self.released(), [])
         self.assertEqual(self.gen.figures.handoffs["rolled_back"], 1)
         self.assertEqual(self.process.calls, [("claimPidfile", PIDFILE)])
+
+
+class FacadeTests(SynchronousTestCase):
+    def test_theServiceWiresItsGeneration(self) -> None:
+        """
+        The service builds one generation on its own listener set and process effects; the
+        responder, the restarter and the observers see that generation, and the names the
+        service forwards read and set the generation's.
+        """
+        from graceful_plugin.server import GracefulServer
+
+        server = GracefulServer(
+            Settings(listeners=[], controlPath="x"), Factory(), reactor=MemoryReactorClock()
+        )
+        gen = server.gen
+        self.assertIs(gen.listeners, server.listeners)
+        self.assertIs(gen.process, server.process)
+        self.assertIs(server.responder.generation, gen)
+        self.assertIs(server.restarter.server, gen)
+        self.assertEqual(gen.observers, [server.restarter])
+        server.generation = 7
+        self.assertEqual(gen.generation, 7)
+        server.exitCode = 3
+        self.assertEqual(server.process.exitCode, 3)
+        workers = object()
+        server.workers = workers
+        self.assertIs(gen.workers, workers)
+        self.assertIs(server.machine, None)
+        self.assertEqual(server.stopGracefully, gen.stopGracefully)
