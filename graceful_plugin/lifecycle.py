@@ -30,8 +30,8 @@ STREAM_KINDS = ("tcp", "tcp6", "unix")
 
 class IGenerationObserver(Interface):
     """
-    Told of each transition of one generation.  Each method gets the server (a
-    L{graceful_plugin.server.GracefulServer}).
+    Told of each transition of one generation.  Each method gets the generation (a
+    L{graceful_plugin.generation.Generation}).
     """
 
     def serving(server: Any) -> None:

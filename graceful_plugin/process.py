@@ -3,9 +3,10 @@ What a generation does to its whole process, in one place: the signal handlers, 
 a daemonizing twistd's parent waits on, the pidfile, the exit code, and the scheduling priority
 and heap of a successor.
 
-The service (L{graceful_plugin.server.GracefulServer}) calls it; no other module of a
-generation installs a signal handler, writes the status pipe or exits the process.  The
-functions it calls are arguments, so that tests run it without touching their own process.
+The service (L{graceful_plugin.server.GracefulServer}) and its generation
+(L{graceful_plugin.generation.Generation}) call it; no other module of a generation installs a
+signal handler, writes the status pipe or exits the process.  The functions it calls are
+arguments, so that tests run it without touching their own process.
 """
 
 from __future__ import annotations
@@ -111,6 +112,13 @@ class ProcessEffects:
         pidfile.claim(path, self._pid())
 
     # -- exiting ----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """
+        Stop the reactor: twistd stops the service (a generation drains there first), and the
+        process exits with L{exitCode}.
+        """
+        self.reactor.stop()
 
     def fail(self) -> None:
         """

@@ -29,7 +29,7 @@ from graceful_plugin.control import (
     RolledBack,
     VersionMismatch,
 )
-from graceful_plugin.draining import DrainingView, Upstream
+from graceful_plugin.draining import DrainingView
 from graceful_plugin.figures import Figures
 from graceful_plugin.handover import adoptHandedOver
 from graceful_plugin.listenerset import ListenerSet, Port
@@ -39,7 +39,7 @@ from graceful_plugin.standby import tellStandDown
 
 class IGeneration(Protocol):
     """
-    What the responder needs of its generation (L{graceful_plugin.server.GracefulServer}).
+    What the responder needs of its generation (L{graceful_plugin.generation.Generation}).
     """
 
     reactor: Any
@@ -51,7 +51,6 @@ class IGeneration(Protocol):
     listeners: ListenerSet
     figures: Figures
     draining: DrainingView
-    upstream: Upstream
     restarter: Any
     workers: Any
     #: The successor's control link and pid, during a handoff.
@@ -59,8 +58,6 @@ class IGeneration(Protocol):
     successorPid: int
     committedAt: float
     handedOver: bool
-    #: The reactor's stop, pending once we drained, until the successor link has flushed.
-    exitCall: Any
 
     @property
     def ports(self) -> list[Port]: ...
@@ -69,7 +66,7 @@ class IGeneration(Protocol):
 
     def sessionsChanged(self) -> None: ...
 
-    def stillReporting(self) -> bool: ...
+    def successorLinkLost(self) -> None: ...
 
     def drainingEntries(self) -> list[dict[str, Any]]: ...
 
@@ -105,14 +102,7 @@ class ControlResponder:
             # Pass the news on if we are draining ourselves.
             gen.sessionsChanged()
         if protocol is gen.successor and gen.machine is not None:
-            gen.machine.successorLost("the successor disconnected")
-            gen.successor = None
-            if gen.exitCall is not None and gen.exitCall.active():
-                gen.exitCall.cancel()
-                gen.reactor.stop()
-            elif gen.stillReporting():
-                # Whoever serves now hears from us directly.
-                gen.upstream.lost()
+            gen.successorLinkLost()
 
     def hello(self, protocol: ControlProtocol, version: int, pid: int) -> dict[str, Any]:
         gen = self.generation

@@ -499,7 +499,7 @@ def _adopt(
                 continue
             if entry.get("role") == METRICS_ROLE:
                 try:
-                    metrics = adoptMetrics(server, entry, fd)
+                    metrics = adoptMetrics(server.gen, entry, fd)
                 except MetricsUnavailable as e:
                     raise TakeoverFailed(f"the predecessor serves metrics, but {e}") from None
                 if metrics is None:
@@ -579,7 +579,7 @@ def _openMetrics(server: GracefulServer, ports: list[Port]) -> Port | None:
     Bind our own metrics listener if the predecessor handed over none at its address.
     """
     try:
-        return openMetrics(server, ports)
+        return openMetrics(server.gen, ports)
     except OSError as e:
         raise TakeoverFailed(str(e)) from None
 

@@ -212,14 +212,14 @@ class ControlTestCase(SynchronousTestCase):
 class InterfaceTests(SynchronousTestCase):
     def test_providers(self) -> None:
         """
-        The server's responder provides IControlHandler and the server IGenerationEffects, the
+        The server's responder provides IControlHandler and its generation IGenerationEffects, the
         client handler IControlHandler.
         """
         server = GracefulServer(
             Settings(listeners=[], controlPath="x"), Factory(), reactor=MemoryReactorClock()
         )
         self.assertTrue(verifyObject(IControlHandler, server.responder))
-        self.assertTrue(verifyObject(IGenerationEffects, server))
+        self.assertTrue(verifyObject(IGenerationEffects, server.gen))
         self.assertTrue(verifyObject(IControlHandler, ClientHandler()))
 
 

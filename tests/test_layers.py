@@ -108,11 +108,20 @@ def test_cycleFinderFindsCycles() -> None:
 
 def test_lowerRoomsNeverImportTheService() -> None:
     """
-    The service's parts (listener set, process effects, control responder, successor side,
-    restarts, observers) never import the service module that wires them.
+    The service's parts (the generation, listener set, process effects, control responder,
+    successor side, restarts, observers) never import the service module that wires them.
     """
     graph = importGraph()
-    parts = ["listenerset", "process", "responder", "takeover", "successor", "restart", "lifecycle"]
+    parts = [
+        "generation",
+        "listenerset",
+        "process",
+        "responder",
+        "takeover",
+        "successor",
+        "restart",
+        "lifecycle",
+    ]
     for part in parts:
         module = f"{PACKAGE}.{part}"
         assert f"{PACKAGE}.server" not in graph[module], f"{module} imports the service"
@@ -126,3 +135,25 @@ def test_machinesDoNoIO() -> None:
     graph = importGraph()
     assert graph[f"{PACKAGE}.machine"] == set()
     assert graph[f"{PACKAGE}.successor"] == {f"{PACKAGE}.machine"}
+
+
+def test_generationImportsNothingOfTheProcess() -> None:
+    """
+    The generation reaches its process only through the effects it is given: it imports neither
+    the process effects nor the pidfile module, nor the standard library's C{signal} and C{sys},
+    nor the rooms above it (the responder, the successor's side, restarts).
+    """
+    graph = importGraph()
+    imported = graph[f"{PACKAGE}.generation"]
+    for room in ["process", "pidfile", "server", "responder", "takeover", "restart"]:
+        assert f"{PACKAGE}.{room}" not in imported, f"generation imports {room}"
+    path = ROOT / "generation.py"
+    tree = ast.parse(path.read_text(), str(path))
+    stdlib = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    stdlib |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not stdlib & {"signal", "sys", "subprocess"}, stdlib
