@@ -308,16 +308,20 @@ class Takeover:
         self.machine.commitAnswered(answer["confirmWithin"], answer.get("waited") or 0.0)
 
     def startAccepting(self) -> None:
-        server = self.server
-        server.listeners.install(self.ports, self.controlPort)
-        server.beginServing()
-        holdMetrics(self.ports)
         Deferred.fromCoroutine(self._confirm()).addErrback(self._failed)
 
     async def _confirm(self) -> None:
         link, reactor = self.link, self.reactor
         assert link is not None and self.counters is not None
+        # The counters come right behind the Commit answer (asked for with it).  Take them before
+        # accepting, so that from our first accept to Accepting no reactor turn passes: the
+        # fewer connections we hold unconfirmed, the fewer a successor that dies there takes
+        # with it.  (A predecessor that never answers resumes at its confirm deadline.)
         self.figures = await _counters(link, self.counters, self.settings.handoffTimeout, reactor)
+        server = self.server
+        server.listeners.install(self.ports, self.controlPort)
+        server.beginServing()
+        holdMetrics(self.ports)
         workers = self.workers
         if workers is not None and workers.active:
             try:
