@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import os
 import socket
-import stat
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -46,6 +45,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from graceful_plugin.control import AdoptConnection, BadArgument, NoHandoff
+from graceful_plugin.listeners import probeSocket
 from graceful_plugin.sessions import IHandOver
 
 #: The listener kinds whose connections can move to another process (no TLS state in ours).
@@ -282,12 +282,9 @@ def connectionProblem(fd: int) -> str | None:
     What is wrong with C{fd} as a connection, in words; L{None} when it is a connected stream
     socket (not a listening one).  C{fd} is left open.
     """
-    try:
-        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-            return "it is not a socket"
-        probe = socket.socket(fileno=os.dup(fd))
-    except OSError as e:
-        return f"it cannot be inspected ({e.strerror})"
+    probe = probeSocket(fd)
+    if isinstance(probe, str):
+        return probe
     with probe:
         if probe.type != socket.SOCK_STREAM:
             return "it is not a stream socket"

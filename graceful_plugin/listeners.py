@@ -439,6 +439,19 @@ def _removeStaleSocket(path: str) -> None:
     raise OSError(f"{path} is in use by a running server")
 
 
+def probeSocket(fd: int) -> socket.socket | str:
+    """
+    A socket object on a duplicate of C{fd}, to inspect it (the caller closes it); or, when
+    C{fd} is no socket or cannot be inspected, what is wrong, in words.  C{fd} is left open.
+    """
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            return "it is not a socket"
+        return socket.socket(fileno=os.dup(fd))
+    except OSError as e:
+        return f"it cannot be inspected ({e.strerror})"
+
+
 def listeningSocketProblem(fd: int, kind: str) -> str | None:
     """
     What is wrong with a descriptor handed over as a listener of C{kind}, in words; L{None}
@@ -446,12 +459,9 @@ def listeningSocketProblem(fd: int, kind: str) -> str | None:
     """
     if kind not in KINDS:
         return f"{kind!r} is not a listener kind"
-    try:
-        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-            return "it is not a socket"
-        probe = socket.socket(fileno=os.dup(fd))
-    except OSError as e:
-        return f"it cannot be inspected ({e.strerror})"
+    probe = probeSocket(fd)
+    if isinstance(probe, str):
+        return probe
     with probe:
         if kind == "udp":
             if probe.type != socket.SOCK_DGRAM:
