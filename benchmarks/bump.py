@@ -40,6 +40,7 @@ import argparse
 import ctypes
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -197,6 +198,20 @@ class Server:
         """Start one takeover; return its event (``start``: monotonic time it began)."""
         raise NotImplementedError
 
+    def forked(self) -> list[int]:
+        """The fork server's children now (its spare, between takeovers)."""
+        log = self.tmp / f"{self.name}-1.log"
+        if not self.fork or not log.exists():
+            return []
+        match = re.search(rb"fork server pid (\d+) at @", log.read_bytes())
+        if match is None:
+            return []
+        pid = int(match[1])
+        try:
+            return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        except (OSError, ValueError):
+            return []
+
     def settle(self, event: dict, until: float) -> None:
         """Wait (until ``until`` at most) for the takeover to have completed, and note when."""
 
@@ -232,7 +247,10 @@ class Graceful(Server):
 
     def takeover(self) -> dict:
         old = read_pid(self.pidfile) or self.old
-        event = {"start": time.monotonic(), "old_pid": old}
+        # A spare the fork server forked ahead (graceful_plugin.spare) has used CPU before the
+        # takeover: only what the successor uses from here on is its start-up's.
+        before = {pid: cpu_ms(pid) or 0.0 for pid in self.forked()}
+        event = {"start": time.monotonic(), "old_pid": old, "cpu_before": before}
         if self.how == "hup":
             os.kill(old, signal.SIGHUP)
         elif self.how == "ctl":
@@ -244,6 +262,20 @@ class Graceful(Server):
             self.spawn(self.command("--takeover", str(self.control)))
         return event
 
+    def forked(self) -> list[int]:
+        """The fork server's children now (its spare, between takeovers)."""
+        log = self.tmp / f"{self.name}-1.log"
+        if not self.fork or not log.exists():
+            return []
+        match = re.search(rb"fork server pid (\d+) at @", log.read_bytes())
+        if match is None:
+            return []
+        pid = int(match[1])
+        try:
+            return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        except (OSError, ValueError):
+            return []
+
     def settle(self, event: dict, until: float) -> None:
         old = event["old_pid"]
         while time.monotonic() < until:
@@ -252,7 +284,10 @@ class Graceful(Server):
                 # The successor owns the pidfile once its predecessor confirmed: its CPU time
                 # then is what its start-up and handoff cost.
                 event["serving_s"] = time.monotonic() - event["start"]
-                event["successor_cpu_ms"] = cpu_ms(new)
+                used = cpu_ms(new)
+                if used is not None:
+                    used -= event["cpu_before"].get(new, 0.0)
+                event["successor_cpu_ms"] = used
                 event["new_pid"] = new
             if not alive(old):
                 event["old_exited_s"] = time.monotonic() - event["start"]
@@ -343,6 +378,20 @@ backend files
         self.current = self.spawn(argv)
         return event
 
+    def forked(self) -> list[int]:
+        """The fork server's children now (its spare, between takeovers)."""
+        log = self.tmp / f"{self.name}-1.log"
+        if not self.fork or not log.exists():
+            return []
+        match = re.search(rb"fork server pid (\d+) at @", log.read_bytes())
+        if match is None:
+            return []
+        pid = int(match[1])
+        try:
+            return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        except (OSError, ValueError):
+            return []
+
     def settle(self, event: dict, until: float) -> None:
         while time.monotonic() < until:
             if not alive(event["old_pid"]):
@@ -372,6 +421,20 @@ class Gunicorn(Server):
         event = {"start": time.monotonic(), "old_pid": master}
         os.kill(master, signal.SIGHUP if self.name == "gunicorn-hup" else signal.SIGUSR2)
         return event
+
+    def forked(self) -> list[int]:
+        """The fork server's children now (its spare, between takeovers)."""
+        log = self.tmp / f"{self.name}-1.log"
+        if not self.fork or not log.exists():
+            return []
+        match = re.search(rb"fork server pid (\d+) at @", log.read_bytes())
+        if match is None:
+            return []
+        pid = int(match[1])
+        try:
+            return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        except (OSError, ValueError):
+            return []
 
     def settle(self, event: dict, until: float) -> None:
         if self.name == "gunicorn-hup":
@@ -526,6 +589,7 @@ def run_scenario(name: str, args) -> dict:
         results = workers.join(60 + LARGE / args.download_rate)
         records: dict = {"client": [], "download": []}
         if args.keep_logs:
+            args.keep_logs.mkdir(parents=True, exist_ok=True)
             for log in tmp.glob("*.log"):
                 shutil.copy(log, args.keep_logs / log.name)
         for result in results:

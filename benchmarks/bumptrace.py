@@ -39,16 +39,18 @@ STEPS = (
 )
 
 
-def _stat(pid: int) -> tuple[int, int, int, int, int] | None:
-    """(ppid, cpu ns, minflt, majflt, scheduling policy) of ``pid``, or None once gone."""
+def _stat(pid: int) -> tuple[int, int, int, int, int, int] | None:
+    """(ppid, cpu ns, minflt, majflt, scheduling policy, run-queue wait ns) of ``pid``, or None
+    once gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         with open(f"/proc/{pid}/schedstat") as f:
-            ns = int(f.read().split()[0])
+            sched = f.read().split()
+        ns, wait = int(sched[0]), int(sched[1])
     except (OSError, IndexError, ValueError):
         return None
-    return int(fields[1]), ns, int(fields[7]), int(fields[9]), int(fields[38])
+    return int(fields[1]), ns, int(fields[7]), int(fields[9]), int(fields[38]), wait
 
 
 def _cmdline(pid: int) -> str:
@@ -75,8 +77,8 @@ class Sampler:
         self.tracked: dict[int, str] = {}  # pid -> "server" | "forkserver" | "forked"
         self.seen: set[int] = set()
         self.pending: dict[int, float] = {}
-        #: (t, pid, cpu ns, minflt, majflt, policy)
-        self.samples: list[tuple[float, int, int, int, int, int]] = []
+        #: (t, pid, cpu ns, minflt, majflt, policy, run-queue wait ns)
+        self.samples: list[tuple[float, int, int, int, int, int, int]] = []
         #: (t, machine busy ticks)
         self.machine: list[tuple[float, int]] = []
         self._stop = threading.Event()
@@ -129,7 +131,7 @@ class Sampler:
             for pid in list(self.tracked):
                 st = _stat(pid)
                 if st is not None:
-                    self.samples.append((now, pid, st[1], st[2], st[3], st[4]))
+                    self.samples.append((now, pid, st[1], st[2], st[3], st[4], st[5]))
             self.machine.append((now, _busy()))
             self._stop.wait(self.interval)
 
@@ -156,9 +158,11 @@ def _first(lines, pid: int, piece: str, after: float, before: float) -> float | 
     return None
 
 
-def _series(samples, pid: int) -> list[tuple[float, int, int, int, int]]:
+def _series(samples, pid: int) -> list[tuple[float, int, int, int, int, int]]:
     return [
-        (t, ns, minflt, majflt, policy) for t, p, ns, minflt, majflt, policy in samples if p == pid
+        (t, ns, minflt, majflt, policy, wait)
+        for t, p, ns, minflt, majflt, policy, wait in samples
+        if p == pid
     ]
 
 
@@ -198,6 +202,7 @@ def timeline(
     ok.sort()
     done = sorted(s + lat for s, lat in ok)
     roles = {"old": [0.0] * nbins, "new": [0.0] * nbins, "forkserver": [0.0] * nbins}
+    waits = {"old": [0.0] * nbins, "new": [0.0] * nbins}
     faults = {"new_minflt": [0.0] * nbins, "old_minflt": [0.0] * nbins, "majflt": [0.0] * nbins}
     machine = [0.0] * nbins
     completions = [0.0] * nbins
@@ -216,6 +221,7 @@ def timeline(
             started[int((s - lo) / width)].append(lat)
         for role, pid in (("old", old), ("new", new)):
             _spread(_series(sampler.samples, pid), lo, hi, 1, 1e-6, roles[role])
+            _spread(_series(sampler.samples, pid), lo, hi, 5, 1e-6, waits[role])
         for pid in forkservers:
             _spread(_series(sampler.samples, pid), lo, hi, 1, 1e-6, roles["forkserver"])
         _spread(_series(sampler.samples, new), lo, hi, 2, 1.0, faults["new_minflt"])
@@ -230,21 +236,31 @@ def timeline(
                 found[name] = t - start
                 steps[name].append(t - start)
         new_series = _series(sampler.samples, new)
+        # A spare forked ahead (graceful_plugin.spare) was sampled before the takeover: count
+        # only what it used from the takeover's start.
+        base_cpu = _at(new_series, start, 1) or 0
+        base_flt = _at(new_series, start, 2) or 0
         cpu_at = {}
         for name in ("twistd", "hello", "serving", "took-over"):
             if name in found:
                 value = _at(new_series, start + found[name], 1)
                 flt = _at(new_series, start + found[name], 2)
                 if value is not None:
-                    cpu_at[name] = (round(value / 1e6, 1), flt)
+                    cpu_at[name] = (
+                        round((value - base_cpu) / 1e6, 1),
+                        None if flt is None else flt - base_flt,
+                    )
         # CPU used at normal priority before the start-up went idle (SCHED_IDLE is policy 5),
         # and by the time it was back to normal (for the handoff).
-        idle = [row for row in new_series if row[4] == 5]
+        idle = [row for row in new_series if row[4] == 5 and row[0] >= start]
         if idle:
-            cpu_at["idle-from"] = (round(idle[0][1] / 1e6, 1), idle[0][2])
+            cpu_at["idle-from"] = (round((idle[0][1] - base_cpu) / 1e6, 1), idle[0][2] - base_flt)
             after_idle = [row for row in new_series if row[0] > idle[-1][0]]
             if after_idle:
-                cpu_at["idle-until"] = (round(after_idle[0][1] / 1e6, 1), after_idle[0][2])
+                cpu_at["idle-until"] = (
+                    round((after_idle[0][1] - base_cpu) / 1e6, 1),
+                    after_idle[0][2] - base_flt,
+                )
         if "serving" in found:
             t = start + found["serving"]
             first = _at(new_series, t, 1)
@@ -294,6 +310,8 @@ def timeline(
                 "old_cpu_ms": round(roles["old"][k] / count, 1),
                 "new_cpu_ms": round(roles["new"][k] / count, 1),
                 "fs_cpu_ms": round(roles["forkserver"][k] / count, 1),
+                "old_wait_ms": round(waits["old"][k] / count, 1),
+                "new_wait_ms": round(waits["new"][k] / count, 1),
                 "machine_cpu_ms": round(machine[k] / count, 1),
                 "new_minflt": round(faults["new_minflt"][k] / count),
                 "old_minflt": round(faults["old_minflt"][k] / count),
@@ -313,12 +331,14 @@ def timeline(
 
 
 def format_timeline(name: str, tl: dict) -> str:
-    head = ["t ms", "rate", "p50", "p99", "n", "old cpu", "new cpu", "fs cpu", "machine"]
+    head = ["t ms", "rate", "p50", "p99", "n", "old cpu", "new cpu", "fs cpu", "old wait"]
+    head += ["new wait", "machine"]
     head += ["new minflt", "old minflt", "majflt", "steps (median)"]
     out = [
         f"{name}: timeline, {tl['bin_ms']:g} ms bins after the takeover's start, mean of"
         f" {tl['takeovers']} takeovers (rate = completions / away rate; p50/p99 ms of the"
-        " requests started in the bin; CPU ms used in the bin)"
+        " requests started in the bin; CPU ms used in the bin; wait = ms runnable but waiting for a"
+        " core, from /proc/PID/schedstat)"
     ]
     cells = [head]
     for r in tl["rows"]:
@@ -332,6 +352,8 @@ def format_timeline(name: str, tl: dict) -> str:
                 f"{r['old_cpu_ms']:.1f}",
                 f"{r['new_cpu_ms']:.1f}",
                 f"{r['fs_cpu_ms']:.1f}",
+                f"{r['old_wait_ms']:.1f}",
+                f"{r['new_wait_ms']:.1f}",
                 f"{r['machine_cpu_ms']:.0f}",
                 str(r["new_minflt"]),
                 str(r["old_minflt"]),
