@@ -122,7 +122,13 @@ class ForkServerLink(Int32StringReceiver):
         if op == "forked":
             child = ForkedProcess(message["pid"], self)
             self.children[child.pid] = child
-            d.callback({"process": child, "refreshed": message.get("refreshed")})
+            d.callback(
+                {
+                    "process": child,
+                    "refreshed": message.get("refreshed"),
+                    "ahead": message.get("ahead"),
+                }
+            )
         else:
             d.errback(ForkFailed(message.get("reason") or "the fork server refused"))
 
@@ -337,10 +343,12 @@ class ForkLauncher:
                     pid=self.serverPid,
                     reason=answer["refreshed"],
                 )
+            ahead = answer.get("ahead")
             self.log.info(
-                "fork server pid {server} forked the successor pid {pid}",
+                "fork server pid {server} forked the successor pid {pid}{how}",
                 server=self.serverPid,
                 pid=answer["process"].pid,
+                how="" if ahead is None else f" (its spare, forked {ahead:g} s ahead)",
             )
             return answer["process"]
 

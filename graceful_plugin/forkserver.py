@@ -41,6 +41,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from graceful_plugin import spare as spares
+
 #: The environment variable that gives a generation (and its successors) the fork server's
 #: address; without it, the address derives from the control socket (L{addressFor}).
 ENV_ADDRESS = "GRACEFUL_FORKSERVER"
@@ -271,6 +273,10 @@ class ForkServer:
         os.set_blocking(self._wakeW, False)
         self.everConnected = False
         self.startedAt = time.monotonic()
+        #: The child forked ahead for the next request (L{graceful_plugin.spare}), and when the
+        #: next one is due (None: none is, or spares are off).
+        self.spare: spares.Spare | None = None
+        self.spareAt: float | None = self.startedAt if spares.enabled() else None
 
     # state carried across a re-exec
 
@@ -308,14 +314,26 @@ class ForkServer:
         self._reap()
         if pending is not None:
             self._fork(pending["connection"], pending["request"], pending["fds"], pending["why"])
+        try:
+            return self._loop()
+        finally:
+            self._discardSpare()
+
+    def _loop(self) -> int:
         while True:
+            now = time.monotonic()
             if not self.connections and not self.children:
                 if self.everConnected:
                     return 0
-                if time.monotonic() - self.startedAt > FIRST_CONNECTION_TIMEOUT:
+                if now - self.startedAt > FIRST_CONNECTION_TIMEOUT:
                     _log("nobody connected: exiting")
                     return 0
-            for key, _ in self.selector.select(timeout=1.0):
+            if self.spareAt is not None and self.spare is None and now >= self.spareAt:
+                self._forkSpare()
+            timeout = 1.0
+            if self.spareAt is not None and self.spare is None:
+                timeout = max(0.0, min(timeout, self.spareAt - now))
+            for key, _ in self.selector.select(timeout=timeout):
                 if key.fileobj is self.listener:
                     self._accept()
                 elif key.fileobj == self._wakeR:
@@ -434,6 +452,7 @@ class ForkServer:
             del env[name]
         env.update(pythonVariables(request.get("env") or {}))
         signal.set_wakeup_fd(-1)
+        self._discardSpare()
         argv = [sys.executable, *interpreterOptions(), "-m", __name__, "--state-fd", str(memfd)]
         try:
             os.execve(sys.executable, argv, env)
@@ -452,6 +471,8 @@ class ForkServer:
             return
         sys.stdout.flush()
         sys.stderr.flush()
+        if self._useSpare(fd, request, fds, kind, target, args, why):
+            return
         # The child waits on this pipe until its pid has been sent, so that the generation
         # hears of the fork before it hears from the successor.
         goR, goW = os.pipe()
@@ -468,9 +489,78 @@ class ForkServer:
         self._send(fd, {"op": "forked", "id": request.get("id"), "pid": pid, "refreshed": why})
         os.write(goW, b"x")
         os.close(goW)
+        self._spareLater()
+
+    # the spare
+
+    def _useSpare(
+        self,
+        fd: int,
+        request: dict[str, Any],
+        fds: list[int],
+        kind: str,
+        target: str,
+        args: list[str],
+        why: str | None,
+    ) -> bool:
+        """
+        Run the request in the spare, if there is one and it takes it (it waits for C{go} until
+        the generation has been told its pid, as a fresh fork waits on its pipe).
+        """
+        ready, self.spare = self.spare, None
+        if ready is None:
+            return False
+        work = {"request": request, "kind": kind, "target": target, "args": args}
+        if not ready.hand(work, fds):
+            ready.discard()
+            return False
+        for passed in fds:
+            os.close(passed)
+        self.children[ready.pid] = fd
+        ahead = round(time.monotonic() - ready.forkedAt, 1)
+        self._send(
+            fd,
+            {
+                "op": "forked",
+                "id": request.get("id"),
+                "pid": ready.pid,
+                "refreshed": why,
+                "ahead": ahead,
+            },
+        )
+        ready.go()
+        self._spareLater()
+        return True
+
+    def _spareLater(self) -> None:
+        if spares.enabled():
+            self.spareAt = time.monotonic() + spares.SPARE_DELAY
+
+    def _forkSpare(self) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.spare = spares.fork(self._spareChild)
+
+    def _discardSpare(self) -> None:
+        ready, self.spare = self.spare, None
+        if ready is not None:
+            ready.discard()
+
+    def _spareChild(self, sock: socket.socket) -> None:
+        spares.reset()
+        for conn in self.connections.values():
+            conn.sock.detach()
+        self.listener.detach()
+        keep = sock.fileno()
+        os.closerange(3, keep)
+        os.closerange(keep + 1, _maxFd())
+        if spares.enabled(name=spares.ENV_PREFAULT):
+            spares.prefault()
+        work, fds = spares.waitForWork(sock)
+        self._child(work["request"], fds, work["kind"], work["target"], work["args"])
 
     def _reap(self) -> None:
-        while self.children:
+        while self.children or self.spare is not None:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
@@ -478,6 +568,12 @@ class ForkServer:
                 return
             if pid == 0:
                 return
+            if self.spare is not None and pid == self.spare.pid:
+                # The spare died before it was used (killed by hand?): another one later.
+                self.spare.sock.close()
+                self.spare = None
+                self._spareLater()
+                continue
             owner = self.children.pop(pid, None)
             code = os.waitstatus_to_exitcode(status)
             self._send(owner, {"op": "exited", "pid": pid, "status": code})
