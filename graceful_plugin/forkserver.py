@@ -555,7 +555,7 @@ class ForkServer:
         os.closerange(3, keep)
         os.closerange(keep + 1, _maxFd())
         if spares.enabled(name=spares.ENV_PREFAULT):
-            spares.prefault()
+            spares.prefault(stop=spares.readable(sock))
         work, fds = spares.waitForWork(sock)
         self._child(work["request"], fds, work["kind"], work["target"], work["args"])
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import array
 import json
 import os
+import select
 import signal
 import socket
 import struct
@@ -170,11 +171,14 @@ def waitForWork(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
     return message, fds
 
 
-def prefault() -> int:
+def prefault(stop: Callable[[], bool] = lambda: False) -> int:
     """
     Copy now every page this process shares copy-on-write with the fork server that the
     fork server has touched, rather than one page fault at a time while serving.  Returns the
     bytes populated (0 where the kernel cannot: before Linux 5.14, or no C{madvise}).
+
+    @param stop: asked before each mapping; when it says so (work has come: the successor must
+        not wait for the copy), the rest is left to copy-on-write.
     """
     try:
         import ctypes
@@ -186,6 +190,8 @@ def prefault() -> int:
         return 0
     total = 0
     for start, end in privateMappings():
+        if stop():
+            break
         if madvise(start, end - start, MADV_POPULATE_WRITE) == 0:
             total += end - start
     return total
@@ -219,6 +225,15 @@ def privateMappings(smaps: str = "/proc/self/smaps") -> list[tuple[int, int]]:
                 found.append(current)
             current = None
     return found
+
+
+def readable(sock: socket.socket) -> Callable[[], bool]:
+    """
+    Whether C{sock} has something to read now (for L{prefault}'s C{stop}).
+    """
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return lambda: bool(poller.poll(0))
 
 
 def reset() -> None:

@@ -294,3 +294,20 @@ def test_privateMappingsAreTheWritableResidentOnes(tmp_path: Path) -> None:
         (0x00600000, 0x00602000),
         (0x7F0000900000, 0x7F0000A00000),
     ]
+
+
+def test_prefaultStopsWhenWorkComes() -> None:
+    """
+    The spare leaves its copy as soon as its socket has something to read (the successor must
+    not wait for it): nothing is populated once C{stop} says so.
+    """
+    ours, theirs = socket.socketpair()
+    try:
+        stop = spare.readable(theirs)
+        assert stop() is False
+        ours.send(b"x")
+        assert stop() is True
+        assert spare.prefault(stop=stop) == 0
+    finally:
+        ours.close()
+        theirs.close()
