@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from graceful_plugin import spare as spares
+from graceful_plugin.dirwatch import DirectoryWatch
 
 #: The environment variable that gives a generation (and its successors) the fork server's
 #: address; without it, the address derives from the control socket (L{addressFor}).
@@ -141,27 +142,43 @@ class Snapshot:
 
     files: dict[str, tuple[int, int]]
     pythonEnv: dict[str, str]
+    #: A watch on the files' directories (L{graceful_plugin.dirwatch}): while nothing happened
+    #: there, the files are not looked at again.  L{None}: they are, every time.
+    watch: DirectoryWatch | None = None
+    #: The last look at the files found a difference (it stays until we are replaced).
+    stale: str | None = None
 
     @classmethod
-    def take(cls, modules: Iterable[Any] | None = None) -> Snapshot:
-        files: dict[str, tuple[int, int]] = {}
+    def take(cls, modules: Iterable[Any] | None = None, watch: bool = False) -> Snapshot:
         paths = [sys.executable]
         for module in list(sys.modules.values()) if modules is None else modules:
             path = getattr(module, "__file__", None)
             if isinstance(path, str):
                 paths.append(path)
+        # The watch begins before the files are looked at: a change after the look is seen.
+        watching = DirectoryWatch.of(os.path.dirname(p) for p in paths) if watch else None
+        files: dict[str, tuple[int, int]] = {}
         for path in paths:
             try:
                 st = os.stat(path)
             except OSError:
                 continue
             files[path] = (st.st_size, st.st_mtime_ns)
-        return cls(files, pythonVariables(os.environ))
+        return cls(files, pythonVariables(os.environ), watching)
 
     def changed(self, env: dict[str, str] | None = None) -> str | None:
         """
         Why the code on disk is not what was imported (the first difference), or L{None}.
         """
+        if self.stale is None and (self.watch is None or self.watch.happened()):
+            self.stale = self._differs()
+        if self.stale is not None:
+            return self.stale
+        if env is not None and pythonVariables(env) != self.pythonEnv:
+            return "the successor's PYTHON* environment differs"
+        return None
+
+    def _differs(self) -> str | None:
         for path, (size, mtime) in self.files.items():
             try:
                 st = os.stat(path)
@@ -169,8 +186,6 @@ class Snapshot:
                 return f"{path} is gone"
             if (st.st_size, st.st_mtime_ns) != (size, mtime):
                 return f"{path} changed on disk"
-        if env is not None and pythonVariables(env) != self.pythonEnv:
-            return "the successor's PYTHON* environment differs"
         return None
 
 
@@ -710,7 +725,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         gc.collect()
         gc.freeze()
-        snapshot = Snapshot.take()
+        snapshot = Snapshot.take(watch=True)
         cpu = (time.process_time() - started) * 1000
     except Exception:
         _log("cannot preload:\n" + traceback.format_exc())

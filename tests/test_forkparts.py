@@ -30,26 +30,57 @@ class _Module:
         self.__file__ = path
 
 
-def test_snapshotSeesChangedSizeMtimeAndRemovedFiles(tmp_path: Path) -> None:
+@pytest.mark.parametrize("watch", [False, True])
+def test_snapshotSeesChangedSizeMtimeAndRemovedFiles(tmp_path: Path, watch: bool) -> None:
     """
     A snapshot of imported files reports a file whose mtime or size changed, or that is gone,
-    and nothing while they are as they were.
+    and nothing while they are as they were; with a watch on their directory as without, and
+    on every later look too.
     """
     a, b = tmp_path / "a.py", tmp_path / "b.py"
     a.write_text("x = 1\n")
     b.write_text("y = 2\n")
-    snapshot = Snapshot.take([_Module(str(a)), _Module(str(b))])
+    snapshot = Snapshot.take([_Module(str(a)), _Module(str(b))], watch=watch)
+    assert (snapshot.watch is not None) == watch
+    assert snapshot.changed() is None
     assert snapshot.changed() is None
     later = a.stat().st_mtime_ns + 5_000_000_000
     os.utime(a, ns=(later, later))
     assert snapshot.changed() == f"{a} changed on disk"
-    snapshot = Snapshot.take([_Module(str(a)), _Module(str(b))])
+    assert snapshot.changed() == f"{a} changed on disk"
+    snapshot = Snapshot.take([_Module(str(a)), _Module(str(b))], watch=watch)
     b.write_text("y = 22\n")
     os.utime(b, ns=(later, later))
     assert snapshot.changed() == f"{b} changed on disk"  # size differs, mtime kept
-    snapshot = Snapshot.take([_Module(str(a)), _Module(str(b))])
+    snapshot = Snapshot.take([_Module(str(a)), _Module(str(b))], watch=watch)
     a.unlink()
     assert snapshot.changed() == f"{a} is gone"
+
+
+def test_watchedSnapshotLooksOnlyAfterSomethingHappened(tmp_path: Path) -> None:
+    """
+    With a watch, the files are looked at again only after something happened in a watched
+    directory: a file of an unwatched directory (planted in the snapshot here to show it) can
+    change unseen, until anything happens in a watched one; a new file beside the watched ones
+    means a look that finds nothing.
+    """
+    watched, elsewhere = tmp_path / "watched", tmp_path / "elsewhere"
+    watched.mkdir()
+    elsewhere.mkdir()
+    a, b = watched / "a.py", elsewhere / "b.py"
+    a.write_text("x = 1\n")
+    b.write_text("y = 2\n")
+    snapshot = Snapshot.take([_Module(str(a))], watch=True)
+    assert snapshot.watch is not None
+    st = b.stat()
+    snapshot.files[str(b)] = (st.st_size, st.st_mtime_ns)
+    (watched / "new.py").write_text("")
+    assert snapshot.changed() is None
+    b.write_text("y = 22\n")
+    assert snapshot.changed() is None  # nothing happened where we watch: not looked at
+    os.utime(a)  # something happens in the watched directory (a's size stays)
+    snapshot.files[str(a)] = (a.stat().st_size, a.stat().st_mtime_ns)
+    assert snapshot.changed() == f"{b} changed on disk"
 
 
 def test_snapshotSeesTheInterpreterAndPythonVariables() -> None:
