@@ -26,6 +26,7 @@ from graceful_plugin.ctlclient import (
     Unhandled,
     describeConnectFailure,
 )
+from graceful_plugin.priority import idleForGood
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -150,6 +151,9 @@ def restart(path: str, args: argparse.Namespace) -> int:
 
     @return: 0 once the successor accepts; 1 when the handoff was rolled back.
     """
+    # Our own few milliseconds of CPU stay off the serving process's back, as the successor's
+    # start-up does (this client only waits from here on).
+    idleForGood()
     overall = Deadline(args.timeout)
     before = fetchStatus(path, Deadline(STATUS_TIMEOUT, overall))
     phases: list[dict[str, Any]] = []

@@ -49,6 +49,18 @@ def lowerPriority() -> None:
         pass
 
 
+def idleForGood() -> None:
+    """
+    Idle priority from now on, for a process that never needs normal priority back (the
+    C{graceful-ctl restart} client, which only waits while the server hands over): it then
+    takes no CPU the serving process could use.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        pass
+
+
 def restorePriority() -> None:
     """
     Back to normal scheduling for the handoff and for serving.

@@ -28,7 +28,7 @@ from tests.operate import (
     waitForPid,
     waitForText,
 )
-from tests.procs import Load, Processes, ctl, freePort, httpGet, waitForSessions
+from tests.procs import CTL, Load, Processes, ctl, freePort, httpGet, waitForSessions
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -139,6 +139,39 @@ def test_restartRollsBackWhenTheSuccessorNeverCommits(procs: Processes, workdir:
     assert "was rolled back: the successor did not commit within 1 s" in result.stderr
     assert status(workdir)["pid"] == first.pid
     assert httpGet("127.0.0.1", port, "/")[0] == 200
+
+
+def test_restartClientWaitsAtIdlePriority(procs: Processes, workdir: Path) -> None:
+    """
+    ``graceful-ctl restart`` goes to idle priority before it asks (it only waits from then on),
+    so its CPU does not compete with the serving process; the restart still completes.
+    """
+    port = freePort()
+    env = f"PYTHONPATH={REPO}"
+    command = f"env {env} {sys.executable} -m tests.fake_successor c.sock hello"
+    args = _portArgs(port, "--handoff-timeout", "3", "--restart-command", command)
+    first = procs.server(args, "gen1").start()
+    first.waitServing()
+    client = subprocess.Popen(
+        [CTL, "--control", "c.sock", "restart"],
+        cwd=workdir,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # The fake successor said hello and never commits: the client is waiting now.
+        fake = waitForText(first.log, r"restart: hello after [\d.]+ ms successor pid (\d+)")
+        track(procs, int(fake.group(1)))
+        assert os.sched_getscheduler(client.pid) == os.SCHED_IDLE
+        out, err = client.communicate(timeout=60)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.communicate(timeout=10)
+    assert client.returncode == 1, out + err
+    assert "the successor did not commit within 3 s" in err
 
 
 def test_watchFollowsTheDrainingGeneration(procs: Processes, workdir: Path) -> None:
