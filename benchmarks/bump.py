@@ -20,6 +20,9 @@ graceful-hup / graceful-ctl / graceful-hand
     ``twistd graceful --path FILES``: SIGHUP, ``graceful-ctl restart``, or a successor started
     by hand (``twistd graceful --takeover``); with the fork server, and ``...-nofork`` with
     ``--no-fork-server``.
+graceful-hand-idle
+    by hand under ``chrt --idle 0`` (docs/operating.md): the interpreter's and twistd's own
+    start-up, before graceful's code runs, at idle priority too.
 nginx
     ``nginx -s reload`` (Debian's nginx-light; one worker).
 haproxy
@@ -66,6 +69,7 @@ GRACEFUL = ("graceful-hup", "graceful-ctl", "graceful-hand")
 SCENARIOS = (
     *GRACEFUL,
     *(f"{name}-nofork" for name in GRACEFUL),
+    "graceful-hand-idle",
     "nginx",
     "haproxy",
     "gunicorn-hup",
@@ -258,6 +262,8 @@ class Graceful(Server):
             done = subprocess.run(ctl, capture_output=True, text=True, timeout=60, check=False)
             if done.returncode != 0:
                 event["failed"] = (done.stdout + done.stderr).strip()[-300:]
+        elif self.name.endswith("-idle"):
+            self.spawn(["chrt", "--idle", "0", *self.command("--takeover", str(self.control))])
         else:
             self.spawn(self.command("--takeover", str(self.control)))
         return event
