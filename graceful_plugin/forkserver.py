@@ -563,6 +563,7 @@ class ForkServer:
 
     def _spareChild(self, sock: socket.socket) -> None:
         spares.reset()
+        _setProcessName(spares.NAME)
         for conn in self.connections.values():
             conn.sock.detach()
         self.listener.detach()

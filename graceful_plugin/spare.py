@@ -43,6 +43,9 @@ ENV_PREFAULT = "GRACEFUL_FORK_PREFAULT"
 #: while the takeover the last one started is still running.
 SPARE_DELAY = 3.0
 
+#: What C{ps}, C{top} and C{pgrep} call a waiting spare (once used, it is named as its program).
+NAME = "graceful-spare"
+
 #: Linux's C{madvise} advice that pre-faults a range writable (5.14 and later).
 MADV_POPULATE_WRITE = 23
 

@@ -163,6 +163,7 @@ def test_spareRunsTheRequestAndIsReplaced(forkServer: _ForkServer, script: Path)
     before the request was made, and the answer says how long ahead), and a new spare follows.
     """
     first = _spareOf(forkServer)
+    assert _until(lambda: Path(f"/proc/{first}/comm").read_text().strip() == spare.NAME)
     time.sleep(0.05)
     asked = _ticksNow()
     answer, printed = forkServer.fork(script)
