@@ -46,7 +46,7 @@ from twisted.python.failure import Failure
 
 from graceful_plugin.control import AdoptConnection, BadArgument, NoHandoff
 from graceful_plugin.listeners import probeSocket
-from graceful_plugin.sessions import IHandOver
+from graceful_plugin.sessions import IHandOver, unsentBytes
 
 #: The listener kinds whose connections can move to another process (no TLS state in ours).
 KINDS = ("tcp", "tcp6", "unix")
@@ -63,18 +63,6 @@ class ConnectionHandedOver(ConnectionDone):
     The connection was handed over to the successor: this process no longer serves it, and the
     client was told nothing, since it did not notice.
     """
-
-
-def unsentBytes(transport: Any) -> int:
-    """
-    The bytes written to C{transport} and not yet given to the kernel.
-
-    C{abstract.FileDescriptor} keeps them in C{dataBuffer} (from C{offset}) and
-    C{_tempDataBuffer} (C{_tempDataLen} bytes), with no public accessor; a connection with any
-    cannot move (they would be lost with our copy).
-    """
-    buffered = len(getattr(transport, "dataBuffer", b"")) - getattr(transport, "offset", 0)
-    return buffered + getattr(transport, "_tempDataLen", 0)
 
 
 def canHandOver(transport: Any) -> bool:

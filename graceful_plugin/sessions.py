@@ -40,6 +40,14 @@ class IHandOver(Interface):
         buffered: a process that starts reading its socket afresh loses nothing.
         """
 
+    def offerWhenIdle(offer: Callable[[], bool]) -> None:
+        """
+        The generation drains and this connection is not idle: once it is (the response it was
+        writing is done, and promised the client a persistent connection), call C{offer()}; it
+        answers C{True} when it took the connection (to hand it over), C{False} when the
+        connection must be drained here as an idle one.
+        """
+
 
 class IInFlight(Interface):
     """
@@ -72,6 +80,18 @@ def _provider(protocol: Any, interface: Any) -> Any:
 
 def _inFlightOf(protocol: Any) -> IInFlight | None:
     return _provider(protocol, IInFlight)
+
+
+def unsentBytes(transport: Any) -> int:
+    """
+    The bytes written to C{transport} and not yet given to the kernel.
+
+    C{abstract.FileDescriptor} keeps them in C{dataBuffer} (from C{offset}) and
+    C{_tempDataBuffer} (C{_tempDataLen} bytes), with no public accessor; a connection with any
+    cannot move (they would be lost with our copy).
+    """
+    buffered = len(getattr(transport, "dataBuffer", b"")) - getattr(transport, "offset", 0)
+    return buffered + getattr(transport, "_tempDataLen", 0)
 
 
 def drainableOf(protocol: Any) -> IDrainable | None:
@@ -149,8 +169,13 @@ class SessionTracker:
         answers C{True}: it hands them to the successor, or drains them itself if that fails).
         """
         for transport in list(self._live):
-            if handOver is not None and handOver(transport):
-                continue
+            if handOver is not None:
+                if handOver(transport):
+                    continue
+                # Busy now: offered again once idle (a response that promised keep-alive).
+                later = _provider(getattr(transport, "protocol", None), IHandOver)
+                if later is not None:
+                    later.offerWhenIdle(lambda t=transport: handOver(t))
             self.drainOne(transport)
 
     def drainOne(self, transport: Any) -> None:

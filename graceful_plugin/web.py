@@ -19,7 +19,7 @@ from twisted.web import http, pages, resource, server
 from zope.interface import implementer
 
 from graceful_plugin.drainhooks import DrainCallbacks
-from graceful_plugin.sessions import IDrainable, IHandOver, IInFlight
+from graceful_plugin.sessions import IDrainable, IHandOver, IInFlight, unsentBytes
 
 
 def whenDraining(request: Any, callback: Callable[[], object]) -> None:
@@ -37,6 +37,12 @@ def whenDraining(request: Any, callback: Callable[[], object]) -> None:
     if not isinstance(target, DrainCallbacks):
         raise TypeError("the request is not served by a draining site of graceful")
     target.addDrainCallback(callback)
+
+
+#: How often, and how long apart (seconds), a connection that became idle while draining is
+#: offered again while its last response is still leaving for the kernel.
+_UNSENT_TRIES = 100
+_UNSENT_WAIT = 0.002
 
 
 @implementer(IDrainable, IInFlight, IHandOver)
@@ -71,6 +77,8 @@ class DrainableHTTPChannel(DrainCallbacks, http.HTTPChannel):
     _lastDone: float | None = None
     _longestPause = 0.0
     _drainStarted = 0.0
+    # Where a connection that becomes idle while draining is offered (L{offerWhenIdle}).
+    _offerLater: Callable[[], bool] | None = None
     # Set by the site that builds the channel.
     site: Any = None
 
@@ -80,12 +88,46 @@ class DrainableHTTPChannel(DrainCallbacks, http.HTTPChannel):
             last = self.requests[-1]
             if not last.startedWriting:
                 last.responseHeaders.setRawHeaders(b"connection", [b"close"])
-            self.persistent = False
+                self.persistent = False
+            # Otherwise its headers have already promised the client a persistent connection:
+            # closing after the response would race with the next request the client sends
+            # at once (it would see a reset).  The connection stays persistent, and once the
+            # response is done it drains as an idle one (L{requestDone}).
         elif self._lastDone is not None and self._idle() and self._idleCheck is None:
-            self._drainStarted = self._now()
-            self._scheduleIdleCheck(self._quietLeft())
+            self._drainIdle()
         # Last: a response that ends itself now closes the connection after it.
         self._fireDrainCallbacks()
+
+    def offerWhenIdle(self, offer: Callable[[], bool]) -> None:
+        """
+        Once idle while draining, offer this connection (L{IHandOver.offerWhenIdle}).
+        """
+        self._offerLater = offer
+
+    def _drainIdle(self) -> None:
+        # Idle while draining: closed once it has stayed quiet long enough.
+        self._drainStarted = self._now()
+        self._scheduleIdleCheck(self._quietLeft())
+
+    def _idleWhileDraining(self, tries: int = 0) -> None:
+        # The response that promised keep-alive before draining began is done.  Hand the
+        # connection over (once its response has left for the kernel: a connection with bytes
+        # still unsent cannot move), or drain it as an idle one.
+        if not self.persistent or self.requests or not self._idle() or self._idleCheck:
+            return  # the next request came (Connection: close), or it is closing already
+        transport = self.transport
+        if transport is None or getattr(transport, "disconnected", False):
+            return
+        offer = self._offerLater
+        if offer is not None:
+            if offer():
+                self._offerLater = None
+                return
+            if unsentBytes(transport) and tries < _UNSENT_TRIES:
+                self.callLater(_UNSENT_WAIT, lambda: self._idleWhileDraining(tries + 1))
+                return
+            self._offerLater = None
+        self._drainIdle()
 
     def _quietLeft(self) -> float:
         # Seconds this idle connection must still stay quiet before it may be closed.  The pace
@@ -144,6 +186,8 @@ class DrainableHTTPChannel(DrainCallbacks, http.HTTPChannel):
         if self.persistent:
             self._lastDone = self._now()
         super().requestDone(request)
+        if self._draining and self.persistent:
+            self._idleWhileDraining()
 
     def _idle(self) -> bool:
         # Between requests: waiting for a request line, and no part of one received yet.
@@ -242,6 +286,15 @@ class DrainableChannelSwitch(http._GenericHTTPChannelProtocol):  # type: ignore[
         """
         inFlight = IInFlight(self._channel, None)
         return inFlight.inFlight() if inFlight is not None else []
+
+    def offerWhenIdle(self, offer: Callable[[], bool]) -> None:
+        """
+        The HTTP/1.x channel offers itself once idle (L{IHandOver.offerWhenIdle}); HTTP/2 never.
+        """
+        if self._negotiatedProtocol in (None, b"http/1.1") and isinstance(
+            self._channel, DrainableHTTPChannel
+        ):
+            self._channel.offerWhenIdle(offer)
 
     def idleForHandover(self) -> bool:
         """

@@ -183,3 +183,50 @@ def test_aWorkersIdleConnectionsMoveThroughItsLeader(procs: Processes, workdir: 
     finally:
         for client in clients:
             client.close()
+
+
+@pytest.mark.parametrize("kind", ["tcp", "unix"])
+def test_aResponseInFlightAtTheDrainKeepsItsConnection(
+    procs: Processes, workdir: Path, kind: str
+) -> None:
+    """
+    A download whose headers went out (promising a persistent connection) before the takeover
+    finishes on the old generation; the client's next request on that connection, sent the
+    moment the body is complete, is answered: the connection is handed over (or answered with
+    Connection: close), never closed under that request.
+    """
+    spec, family, address = _listener(kind, workdir)
+    gen1 = procs.server(["--port", spec, "--control", "c.sock"], "gen1").start()
+    gen1.waitServing()
+    size = 8 * 1024 * 1024
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.settimeout(20)
+    try:
+        sock.connect(address)
+        sock.sendall(b"GET /bytes/%d HTTP/1.1\r\nHost: test\r\n\r\n" % size)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert b" 200 " in head.split(b"\r\n")[0] and b"connection: close" not in head.lower()
+        # The response is in flight (the rest does not fit in the socket buffers) as the
+        # successor takes over and the old generation starts draining.
+        gen2 = procs.server(["--takeover", "c.sock"], "gen2").start()
+        gen2.waitFor(r"took over from pid %d" % gen1.pid)
+        gen1.waitFor(r"draining \d+ session")
+        while len(body) < size:
+            chunk = sock.recv(1 << 20)
+            assert chunk, f"closed after {len(body)} of {size} bytes"
+            body += chunk
+        assert len(body) == size
+        sock.sendall(_GET)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(65536)
+            assert chunk, "the connection was closed under the next request"
+            answer += chunk
+        assert b" 200 " in answer.split(b"\r\n")[0]
+        assert gen1.wait(30) == 0
+        assert "drain deadline passed" not in gen1.text()
+    finally:
+        sock.close()

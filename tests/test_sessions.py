@@ -13,7 +13,7 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from graceful_plugin.sessions import IDrainable, SessionTracker, drainableOf
+from graceful_plugin.sessions import IDrainable, IHandOver, SessionTracker, drainableOf
 
 
 @implementer(IDrainable)
@@ -138,6 +138,51 @@ def test_drainTellsDrainableSessions() -> None:
     tracker.drain()
     assert (direct.drained, wrapped.drained) == (1, 1)
     assert tracker.count == 4
+
+
+@implementer(IHandOver)
+class Busy(Drainable):
+    """
+    A drainable protocol that can be handed over once idle (an HTTP/1.x channel answering).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.later: Any = None
+
+    def idleForHandover(self) -> bool:
+        return False
+
+    def offerWhenIdle(self, offer: Any) -> None:
+        self.later = offer
+
+
+def test_busySessionIsOfferedAgainOnceIdle() -> None:
+    """
+    drain(handOver) offers every session; one that is busy (not taken) is drained and told
+    how to offer itself once idle: that later offer reaches handOver with its own transport.
+    """
+    tracker = SessionTracker()
+    busy = Busy()
+    assert verifyObject(IHandOver, busy)
+    session = Session(wrap(busy, 1))
+    tracker.opened(session)
+    offered: list[Any] = []
+
+    def handOver(transport: Any) -> bool:
+        offered.append(transport)
+        return len(offered) > 1
+
+    tracker.drain(handOver)
+    assert offered == [session] and busy.drained == 1
+    assert busy.later() is True
+    assert offered == [session, session]
+    # Without a successor to hand over to, nobody is told to offer later.
+    other = Busy()
+    alone = SessionTracker()
+    alone.opened(Session(other))
+    alone.drain()
+    assert other.drained == 1 and other.later is None
 
 
 def test_failingDrainIsLoggedAndOthersStillDrain() -> None:

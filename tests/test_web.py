@@ -225,11 +225,15 @@ def test_drainBusyRequestAnswersConnectionClose() -> None:
 
 def test_drainDuringDownloadFinishesIt() -> None:
     """
-    A download in flight when drain comes is not cut short: all N bytes arrive, then the
-    connection closes.
+    A download in flight when drain comes is not cut short: all N bytes arrive.  Its headers
+    had promised a persistent connection, so the connection is not closed under the client's
+    next request right after it: it drains as an idle one (closed once quiet, here; handed
+    over where there is a successor, test_handover.py).
     """
     n = 5 * 65536
     channel, transport = connect(demoSite(lambda: 1))
+    clock = Clock()
+    channel.callLater = clock.callLater
     channel.dataReceived(get(b"/bytes/%d" % n))
     pullProducer(channel).resumeProducing()
     channel.drain()
@@ -237,8 +241,64 @@ def test_drainDuringDownloadFinishesIt() -> None:
     pump(channel)
     status, headers, body = parse(transport.value())
     assert status == 200
+    assert b"connection" not in headers
     assert body == b"x" * n
+    assert not transport.disconnecting
+    clock.advance(channel.idleGrace)
     assert transport.disconnecting
+
+
+def test_nextRequestAfterAPromisedKeepAliveIsAnswered() -> None:
+    """
+    A client whose response began before the drain (no Connection: close in it) sends its next
+    request on the same connection at once: it is answered, with Connection: close, and the
+    connection closes after it; it is never closed under that request.
+    """
+    n = 2 * 65536
+    channel, transport = connect(demoSite(lambda: 1))
+    clock = Clock()
+    channel.callLater = clock.callLater
+    channel.dataReceived(get(b"/bytes/%d" % n))
+    pullProducer(channel).resumeProducing()
+    channel.drain()
+    pump(channel)
+    assert not transport.disconnecting
+    first = transport.value()
+    transport.clear()
+    channel.dataReceived(get(b"/"))
+    status, headers, _ = parse(transport.value())
+    assert parse(first)[0] == 200 and status == 200
+    assert headers[b"connection"] == b"close"
+    assert transport.disconnecting
+
+
+def test_promisedKeepAliveIsOfferedOnceIdle() -> None:
+    """
+    While draining, a connection whose response promised keep-alive is offered (to be handed
+    over) once that response is done and has left for the kernel; one the offer takes is not
+    closed here, one it declines drains as an idle one.
+    """
+    for takes in (True, False):
+        channel, transport = connect(demoSite(lambda: 1))
+        clock = Clock()
+        channel.callLater = clock.callLater
+        channel.dataReceived(get(b"/bytes/%d" % 65536))
+        offers: list[int] = []
+
+        def offer(
+            takes: bool = takes, offers: list[int] = offers, transport: Any = transport
+        ) -> bool:
+            offers.append(len(transport.value()))
+            return takes
+
+        pullProducer(channel).resumeProducing()
+        channel.offerWhenIdle(offer)
+        channel.drain()
+        pump(channel)
+        assert offers, "never offered"
+        assert offers[-1] == len(transport.value())  # offered after the whole response
+        clock.advance(channel.idleGrace)
+        assert transport.disconnecting is (not takes)
 
 
 def test_requestAfterDrainGetsConnectionClose() -> None:
@@ -326,14 +386,18 @@ class Events(resource.Resource):
 def test_longResponseEndsItselfOnDrain() -> None:
     """
     A long response that registered with whenDraining is told when its connection drains: it
-    ends itself, and the connection closes after it, long before any deadline.
+    ends itself, and the connection (its headers promised keep-alive) then drains as an idle
+    one, closed once quiet (or handed over), long before any deadline.
     """
     channel, transport = connect(drainableSite(Events()))
+    clock = Clock()
+    channel.callLater = clock.callLater
     channel.dataReceived(get(b"/events"))
     assert b"data: hello" in transport.value()
     assert not transport.disconnecting
     channel.drain()
     assert transport.value().endswith(b"retry: 0\n\n\r\n0\r\n\r\n")
+    clock.advance(channel.idleGrace)
     assert transport.disconnecting
 
 
