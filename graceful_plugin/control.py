@@ -574,8 +574,9 @@ def writeNow(transport: Any) -> None:
     """
     Write what C{transport} holds now, not on the reactor's next turn.
 
-    The answer to L{Commit} is the one message whose delay every client feels: once the
-    predecessor has paused, nobody accepts until the successor has read that answer.  A
+    The answers to L{Commit} and to the L{Counters} behind it are the messages whose delay every
+    client feels: once the predecessor has paused, nobody accepts until the successor has read
+    them.  A
     transport only writes when the reactor next polls it, after every other descriptor that is
     ready in this turn and the next one (under load, a few milliseconds of serving requests).
     L{IWriteDescriptor.doWrite} writes as much as the socket takes, at once; whatever it cannot
@@ -583,6 +584,12 @@ def writeNow(transport: Any) -> None:
     """
     if IWriteDescriptor.providedBy(transport) and not getattr(transport, "disconnected", True):
         transport.doWrite()
+
+
+#: The commands whose answers leave at once (L{writeNow}): L{Commit}, and L{Counters}, which the
+#: successor asks for right behind it and waits for before it accepts (so its answer, too, is
+#: in the pause gap).
+_FLUSHED = frozenset({Commit.commandName, Counters.commandName})
 
 
 class ControlProtocol(amp.AMP):
@@ -642,7 +649,7 @@ class ControlProtocol(amp.AMP):
     # -- the Commit answer leaves at once ------------------------------------------------------
 
     def dispatchCommand(self, box: amp.AmpBox) -> Deferred[Any]:
-        if box.get(amp.COMMAND) == Commit.commandName and amp.ASK in box:
+        if box.get(amp.COMMAND) in _FLUSHED and amp.ASK in box:
             self._flushAnswersTo.add(box[amp.ASK])
         return super().dispatchCommand(box)  # type: ignore[no-any-return]
 

@@ -30,6 +30,7 @@ from graceful_plugin.control import (
     ClientHandler,
     Commit,
     ControlProtocol,
+    Counters,
     HandoffBusy,
     Hello,
     IControlHandler,
@@ -678,6 +679,9 @@ class _AnsweringHandler(ClientHandler):
     def accepting(self, protocol: ControlProtocol) -> Any:
         return {}
 
+    def counters(self, protocol: ControlProtocol, start: int) -> Any:
+        return {"version": 1, "connections": [], "next": -1}
+
 
 class CommitAnswerTests(SynchronousTestCase):
     """
@@ -705,6 +709,16 @@ class CommitAnswerTests(SynchronousTestCase):
         self.assertEqual(transport.held, [])
         self.assertIn(b"_answer", transport.value())
         self.assertIn(b"confirmWithin", transport.value())
+
+    def test_countersAnswerIsWrittenWithoutTheReactor(self) -> None:
+        """
+        The Counters answer too (the successor asks right behind Commit and waits for it
+        before it accepts): on the wire at once.
+        """
+        transport = self._served(Counters, start=0)
+        self.assertEqual(transport.held, [])
+        self.assertIn(b"_answer", transport.value())
+        self.assertIn(b"connections", transport.value())
 
     def test_otherAnswersWaitForTheReactor(self) -> None:
         """
