@@ -196,7 +196,9 @@ class ControlResponder:
         }
         workers = gen.workers
         if workers is None or not workers.active:
-            gen.tell("handoffPaused", gen.successorPid)
+            # The answer leaves first (nobody accepts until the successor has read it); the
+            # observers (the restart's progress to graceful-ctl, systemd) hear on the next turn.
+            gen.reactor.callLater(0, gen.tell, "handoffPaused", gen.successorPid)
             return answer
 
         # At most one generation accepts: answer only once every worker has paused too.
