@@ -22,6 +22,9 @@ TAKEOVERS = 500
 MEASURED = (50, TAKEOVERS)
 #: Takeovers with client load (light; most run without, to keep the test short).
 LOADED = set(range(1, 26)) | set(range(TAKEOVERS - 24, TAKEOVERS + 1))
+#: What a successor logs when its commit answer came too late (the predecessor serves on): a
+#: safe rollback, which a heavily loaded machine can cause, retried by the soak.
+ROLLED_BACK = r"failed: the commit answer came [\d.]+ s late"
 ROOT = str(Path(__file__).resolve().parent.parent)
 
 
@@ -106,6 +109,7 @@ def test_fiveHundredTakeoversStayFlatAndLeaveNothingBehind(procs: Processes, wor
     procs.servers.append(holder)
     load = Load(port, clients=2, size=512, downloaders=0).start()
     measured: dict[int, tuple[int, int]] = {}
+    rollbacks = 0
     previous = first.pid
     started = time.monotonic()
     try:
@@ -114,9 +118,22 @@ def test_fiveHundredTakeoversStayFlatAndLeaveNothingBehind(procs: Processes, wor
                 load.resume()
             else:
                 load.pause()
-            _, pid = zygote.ask(f"go {n}")
-            generation = Server(workdir, [], f"gen{n}")
-            generation.waitFor(r"took over from pid %d as generation %d" % (previous, n), 30)
+            for _attempt in range(3):
+                _, pid = zygote.ask(f"go {n}")
+                generation = Server(workdir, [], f"gen{n}")
+                outcome = generation.waitFor(
+                    r"took over from pid %d as generation %d|(%s)" % (previous, n, ROLLED_BACK),
+                    30,
+                )
+                if not outcome.group(1):
+                    break
+                # A safe rollback (a loaded machine delayed the successor past its confirm
+                # window): the predecessor serves on, the successor exits 1; try again.
+                assert zygote.ask(f"wait {pid}") == ["exit", pid, "1"]
+                (workdir / f"gen{n}.log").unlink()
+                rollbacks += 1
+            else:
+                raise AssertionError(f"takeover {n - 1} was rolled back three times")
             if previous == first.pid:
                 assert first.wait(30) == 0
             else:
@@ -143,7 +160,7 @@ def test_fiveHundredTakeoversStayFlatAndLeaveNothingBehind(procs: Processes, wor
     print(
         f"\n{TAKEOVERS} takeovers in {elapsed:.1f} s; serving process after takeover 50:"
         f" {fds50} fds, {rss50} KiB; after {TAKEOVERS}: {fds500} fds, {rss500} KiB;"
-        f" {result.ok} requests, no failures"
+        f" {result.ok} requests, no failures; {rollbacks} safe rollbacks retried"
     )
     assert fds500 == fds50
     assert rss500 <= rss50 * 1.10 + 2048, (rss50, rss500)
