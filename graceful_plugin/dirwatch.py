@@ -48,15 +48,19 @@ class DirectoryWatch:
     An inotify descriptor watching some directories.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, missed: frozenset[str] = frozenset()) -> None:
         self.fd = fd
+        #: The directories that could not be watched (gone, not a directory, the system's limit
+        #: on watches reached): their files must be looked at every time.
+        self.missed = missed
 
     @classmethod
     def of(cls, directories: Iterable[str]) -> DirectoryWatch | None:
         """
         A watch on C{directories}, or L{None} when there cannot be one (not Linux, no C{libc},
         the system's limit on watches or instances reached, a directory that cannot be watched):
-        the caller then looks at every file, every time.
+        the caller then looks at every file, every time.  A directory that cannot be watched
+        is left out and named in L{missed}.
         """
         try:
             import ctypes
@@ -70,11 +74,11 @@ class DirectoryWatch:
         fd = init(IN_NONBLOCK | IN_CLOEXEC)
         if fd < 0:
             return None
+        missed = set()
         for directory in sorted(set(directories)):
             if add(fd, os.fsencode(directory), MASK) < 0:
-                os.close(fd)
-                return None
-        return cls(fd)
+                missed.add(directory)
+        return cls(fd, frozenset(missed))
 
     def happened(self) -> bool:
         """

@@ -147,6 +147,8 @@ class Snapshot:
     watch: DirectoryWatch | None = None
     #: The last look at the files found a difference (it stays until we are replaced).
     stale: str | None = None
+    #: Files in directories the watch could not watch: looked at every time.
+    unwatched: list[str] = field(default_factory=list)
 
     @classmethod
     def take(cls, modules: Iterable[Any] | None = None, watch: bool = False) -> Snapshot:
@@ -156,7 +158,9 @@ class Snapshot:
             if isinstance(path, str):
                 paths.append(path)
         # The watch begins before the files are looked at: a change after the look is seen.
-        watching = DirectoryWatch.of(os.path.dirname(p) for p in paths) if watch else None
+        watching = (
+            DirectoryWatch.of(os.path.dirname(os.path.abspath(p)) for p in paths) if watch else None
+        )
         files: dict[str, tuple[int, int]] = {}
         for path in paths:
             try:
@@ -164,22 +168,31 @@ class Snapshot:
             except OSError:
                 continue
             files[path] = (st.st_size, st.st_mtime_ns)
-        return cls(files, pythonVariables(os.environ), watching)
+        unwatched = (
+            [p for p in files if os.path.dirname(os.path.abspath(p)) in watching.missed]
+            if watching is not None
+            else []
+        )
+        return cls(files, pythonVariables(os.environ), watching, unwatched=unwatched)
 
     def changed(self, env: dict[str, str] | None = None) -> str | None:
         """
         Why the code on disk is not what was imported (the first difference), or L{None}.
         """
-        if self.stale is None and (self.watch is None or self.watch.happened()):
-            self.stale = self._differs()
+        if self.stale is None:
+            if self.watch is None or self.watch.happened():
+                self.stale = self._differs(self.files)
+            elif self.unwatched:
+                self.stale = self._differs(self.unwatched)
         if self.stale is not None:
             return self.stale
         if env is not None and pythonVariables(env) != self.pythonEnv:
             return "the successor's PYTHON* environment differs"
         return None
 
-    def _differs(self) -> str | None:
-        for path, (size, mtime) in self.files.items():
+    def _differs(self, paths: Iterable[str]) -> str | None:
+        for path in paths:
+            size, mtime = self.files[path]
             try:
                 st = os.stat(path)
             except OSError:

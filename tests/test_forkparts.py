@@ -83,6 +83,36 @@ def test_watchedSnapshotLooksOnlyAfterSomethingHappened(tmp_path: Path) -> None:
     assert snapshot.changed() == f"{b} changed on disk"
 
 
+def test_unwatchableDirectoriesAreLookedAtEveryTime(tmp_path: Path) -> None:
+    """
+    A directory that cannot be watched is named by the watch, and the files the snapshot holds
+    there are looked at on every check, though nothing happened where it does watch.
+    """
+    from graceful_plugin.dirwatch import DirectoryWatch
+
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    watch = DirectoryWatch.of([str(watched), str(tmp_path / "gone")])
+    assert watch is not None and watch.missed == {str(tmp_path / "gone")}
+    b = tmp_path / "b.py"  # stands for a file in a directory the watch missed
+    b.write_text("y = 2\n")
+    st = b.stat()
+    snapshot = Snapshot({str(b): (st.st_size, st.st_mtime_ns)}, {}, watch, unwatched=[str(b)])
+    assert snapshot.changed() is None
+    b.write_text("y = 22\n")
+    assert snapshot.changed() == f"{b} changed on disk"
+
+
+def test_everyDirectoryOfAPreloadIsWatched() -> None:
+    """
+    The fork server's own snapshot (every module loaded here, some with a relative path)
+    watches every directory: nothing is left to look at on each check.
+    """
+    snapshot = Snapshot.take(watch=True)
+    assert snapshot.watch is not None
+    assert snapshot.watch.missed == frozenset() and snapshot.unwatched == []
+
+
 def test_snapshotSeesTheInterpreterAndPythonVariables() -> None:
     """
     The interpreter binary is part of the snapshot, and a successor whose PYTHON* variables
