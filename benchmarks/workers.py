@@ -13,7 +13,8 @@ it, counted per pid; with keep-alive, the sessions each process holds a third in
 (wrk opens its connections once and keeps them), read once from ``status``; and for bursts of
 connections opened at once, the largest share one process took.  A second table says where
 the CPUs' time went during each run: idle and softirq (``/proc/stat``), each server process's
-user and system time (``/proc/PID/stat``), and the server processes' CPU per request.
+user and system time (``/proc/PID/stat``), the server processes' CPU per request, and how many
+times per 1,000 requests the group's balance held a process (from ``status``).
 
 ``--compare-balance`` measures each group of several again with its balance turned off
 (``GRACEFUL_BALANCE=off``: the spread before and after); ``--independent N`` measures N
@@ -90,6 +91,12 @@ def start(
     # (The group is told to accept once every worker is ready: a moment later.)
     time.sleep(0.5)
     return proc, port, control
+
+
+def holds(ctl: str, control: Path) -> int | None:
+    """How many times the group's processes held so far (None: no balance, or no answer)."""
+    counts = [w.get("holds") for w in (status(ctl, control) or {}).get("workers", [])]
+    return sum(counts) if counts and None not in counts else None
 
 
 class Sampler(threading.Thread):
@@ -273,6 +280,7 @@ def measure(
             probe = Probe(port, args.probe_interval)
             # (graceful-ctl takes a while to start: read early enough to be answered mid-run.)
             sampler = Sampler(args.ctl, control, args.duration / 3)
+            held = holds(args.ctl, control)
             probe.start()
             sampler.start()
             try:
@@ -282,6 +290,9 @@ def measure(
             finally:
                 probe.stop()
                 sampler.stop()
+            # How often the balance held during the run (status counts each process's holds).
+            after = holds(args.ctl, control)
+            run["holds"] = after - held if after is not None and held is not None else None
             # Fresh connections: who accepted the probes; keep-alive: who holds wrk's
             # connections (the probes then show only which process is least busy).
             run["accepts"] = shares(probe.pids)
@@ -422,11 +433,12 @@ def main(argv: list[str] | None = None) -> int:
             )
     print(
         "\nwhere the CPUs' time went (shares of all the CPUs' time during the run; each"
-        " process user+system; us/req: the server processes' CPU per request)"
+        " process user+system; us/req: the server processes' CPU per request; holds/1k: the"
+        " balance's holds per 1,000 requests)"
     )
     print(
         f"{'workers':<14} {'mode':<9} {'idle':>5} {'softirq':>7} {'client':>6} {'us/req':>6}"
-        "  processes"
+        f" {'holds/1k':>8}  processes"
     )
     for run in rows:
         for mode in ("fresh", "keepalive"):
@@ -436,9 +448,13 @@ def main(argv: list[str] | None = None) -> int:
             per = group * cpu["cpu_seconds"] / r["requests"] * 1e6 if r["requests"] else 0.0
             r["server_us_per_request"] = round(per, 1)
             procs = ", ".join(f"{p['user']:.0%}+{p['system']:.0%}" for p in cpu["procs"])
+            held = r.get("holds")
+            perk = "-"
+            if held is not None and r["requests"]:
+                perk = f"{held / r['requests'] * 1000:.1f}"
             print(
                 f"{label(run):<14} {mode:<9} {cpu['idle']:>5.0%} {cpu['softirq']:>7.0%}"
-                f" {r['client_cpu_share']:>6.0%} {per:>6.0f}  {procs}"
+                f" {r['client_cpu_share']:>6.0%} {per:>6.0f} {perk:>8}  {procs}"
             )
     for run in runs:
         if run["workers"] > 1 and "burst_largest_share" in run:

@@ -21,9 +21,11 @@ each change of its own session count:
  - a holding process looks again on each change of its own count and every C{check} seconds, and
    reads again once it is no longer over, or when no other process reads on.
 
-Decisions to hold and to read again are taken one at a time, under a lock on the table
-(C{flock}), each on the others' latest counts and states: two processes never both hold on the
-belief that the other reads on.
+Decisions to hold are taken one at a time, under a lock on the table (C{flock}), each on the
+others' latest counts and states: two processes never both hold on the belief that the other
+reads on.  A process never waits for that lock: while another decides, it reads on (the
+process holding the lock may be descheduled mid-decision, and an accept must not wait on it).
+Reading again takes no lock: one more reader is always safe.
 """
 
 from __future__ import annotations
@@ -54,14 +56,14 @@ CHECK = 0.001
 
 class Board:
     """
-    The group's shared table: one slot per process (its index), each a live session count and a
-    state (L{IDLE}, L{ACCEPTING}, L{HOLDING}), written only by its own process (and cleared by
-    the leader when that process has gone).
+    The group's shared table: one slot per process (its index), each a live session count, a
+    state (L{IDLE}, L{ACCEPTING}, L{HOLDING}) and how many times that place of the group held,
+    written only by its own process (and cleared by the leader when that process has gone).
 
     @ivar size: how many slots.
     """
 
-    _CELLS = 2
+    _CELLS = 3
 
     def __init__(self, fd: int, size: int) -> None:
         """
@@ -97,6 +99,19 @@ class Board:
         self._cells[base] = sessions
         self._cells[base + 1] = state
 
+    def countHold(self, index: int) -> None:
+        """
+        Slot C{index}'s process holds once more.
+        """
+        self._cells[index * self._CELLS + 2] += 1
+
+    def holds(self) -> list[int]:
+        """
+        How many times each slot's processes held since the group started (a replacement
+        continues its place's count).
+        """
+        return self._cells.tolist()[2 :: self._CELLS]
+
     def clear(self, index: int) -> None:
         """
         Slot C{index}'s process has gone.
@@ -123,16 +138,23 @@ class Board:
         Every slot's (sessions, state).
         """
         cells = self._cells.tolist()
-        return list(zip(cells[0::2], cells[1::2], strict=True))
+        step = self._CELLS
+        return list(zip(cells[0::step], cells[1::step], strict=True))
 
     @contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self) -> Iterator[bool]:
         """
-        Hold the group's lock on the table.
+        Take the group's lock on the table if no other process has it: yields whether it was
+        taken (never waits: a process that holds the lock may be descheduled mid-decision, and
+        a connection's path must not wait on that).
         """
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
@@ -175,7 +197,14 @@ class Balancer:
     One process's side of the rule: it publishes its own count and state on the L{Board} and
     holds its listening ports (C{hold(True)}) while it is over the mean and another reads on.
 
+    L{changed} runs on every accepted and every closed connection, so it does as little as it
+    can: a count, a state and two stores into the table, and a look at the others only when
+    the count grew past the margin (a count that falls never makes a process over).  Only the
+    decision to hold takes the table's lock: reading again is always safe (it adds a reader),
+    so a holder that is no longer over, or finds nobody else reading, reads again at once.
+
     @ivar holding: whether this process holds now.
+    @ivar holds: how many times this process held, since it started.
     """
 
     def __init__(
@@ -189,8 +218,8 @@ class Balancer:
         check: float = CHECK,
     ) -> None:
         """
-        @param board: a L{Board} (or anything with its C{publish}, C{others}, C{read} and
-            C{locked}).
+        @param board: a L{Board} (or anything with its C{publish}, C{countHold}, C{others},
+            C{read} and C{locked}).
         @param ports: the listening ports this process shares with the group: each has
             C{sessions} (a L{graceful_plugin.sessions.SessionTracker}), C{accepting} and
             C{hold(bool)}.
@@ -203,15 +232,20 @@ class Balancer:
         self.slack = slack
         self.check = check
         self.holding = False
+        self.holds = 0
+        self._trackers = tuple(port.sessions for port in ports)
         self._previous = 0
         self._call: Any = None
         self._stopped = False
-        for port in ports:
-            port.sessions.observe(self.changed)
+        for tracker in self._trackers:
+            tracker.observe(self.changed)
         self.changed()
 
     def _sessions(self) -> int:
-        return sum(port.sessions.count for port in self.ports)
+        trackers = self._trackers
+        if len(trackers) == 1:
+            return trackers[0].count
+        return sum(tracker.count for tracker in trackers)
 
     def _accepting(self) -> bool:
         for port in self.ports:
@@ -233,41 +267,58 @@ class Balancer:
     def changed(self) -> None:
         """
         Our session count changed, or whether we accept did: publish it and apply the rule.
-        Called on every accepted and every closed connection, so it is kept cheap: a process
-        that does not hold looks at the others only when its count grew past the margin (a
-        count that falls never makes it over).
         """
         if self._stopped:
             return
-        sessions = self._sessions()
+        trackers = self._trackers
+        if len(trackers) == 1:
+            sessions = trackers[0].count
+        else:
+            sessions = sum(tracker.count for tracker in trackers)
         grew = sessions > self._previous
         self._previous = sessions
-        if not self._accepting():
+        for port in self.ports:
+            if port.accepting:
+                break
+        else:
             self.board.publish(self.index, sessions, IDLE)
             if self.holding:
                 self._setHolding(False, sessions)
             return
-        self.board.publish(self.index, sessions, HOLDING if self.holding else ACCEPTING)
         if self.holding:
+            self.board.publish(self.index, sessions, HOLDING)
             if not self._over(sessions):
-                self._decide()
-        elif grew and sessions > self.margin and self._over(sessions):
+                self._setHolding(False, sessions)
+            return
+        self.board.publish(self.index, sessions, ACCEPTING)
+        if grew and sessions > self.margin and self._over(sessions):
             self._decide()
 
     def _decide(self) -> None:
-        with self.board.locked():
+        """
+        We look over the mean: hold if we still are under the table's lock and another
+        process reads on (the others decide one at a time on the latest table; while one
+        decides, the others do not wait: they read on).
+        """
+        with self.board.locked() as taken:
+            if not taken:
+                # Another process is deciding: we read on (always safe), and look again at
+                # our next connection.
+                return
             sessions = self._sessions()
             table = self.board.read()
-            hold = (
+            if (
                 self._accepting()
                 and over(sessions, self.index, table, self.margin, self.slack)
                 and othersAccept(self.index, table, self.margin, self.slack)
-            )
-            if hold != self.holding:
-                self._setHolding(hold, sessions)
+            ):
+                self._setHolding(True, sessions)
 
     def _setHolding(self, hold: bool, sessions: int) -> None:
         self.holding = hold
+        if hold:
+            self.holds += 1
+            self.board.countHold(self.index)
         for port in self.ports:
             port.hold(hold)
         self._publish(sessions)
@@ -279,15 +330,23 @@ class Balancer:
             self._call = None
 
     def _look(self) -> None:
+        """
+        A holder's look, every C{check} seconds: read again once no longer over, or when no
+        other process reads on (no lock: reading again is always safe).
+        """
         self._call = None
         if self._stopped or not self.holding:
             return
-        if not self._accepting():
-            self._setHolding(False, self._sessions())
+        sessions = self._sessions()
+        table = self.board.read()
+        if not (
+            self._accepting()
+            and over(sessions, self.index, table, self.margin, self.slack)
+            and othersAccept(self.index, table, self.margin, self.slack)
+        ):
+            self._setHolding(False, sessions)
             return
-        self._decide()
-        if self.holding and self._call is None:
-            self._call = self.clock.callLater(self.check, self._look)
+        self._call = self.clock.callLater(self.check, self._look)
 
     def stop(self) -> None:
         """

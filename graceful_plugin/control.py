@@ -303,6 +303,10 @@ _workerEntry = [
     (b"sessions", amp.Integer()),
     (b"restarts", amp.Integer()),
     (b"uptime", amp.Float()),
+    # Optional (a group without balance, and older generations, send neither): whether the
+    # process holds accepting now, and how many times its place of the group held.
+    (b"holding", amp.Boolean(optional=True)),
+    (b"holds", amp.Integer(optional=True)),
 ]
 
 _generationEntry = [

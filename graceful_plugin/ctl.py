@@ -92,6 +92,16 @@ def checkVersion(version: int) -> None:
         )
 
 
+def _balanceText(worker: dict[str, Any]) -> str:
+    """
+    A process's balance for people: whether it holds accepting now, and how often it held.
+    """
+    holds = worker.get("holds")
+    if holds is None:
+        return ""
+    return (", holding" if worker.get("holding") else "") + f", held {holds} times"
+
+
 def formatStatus(status: dict[str, Any]) -> str:
     """
     Status for people.
@@ -118,6 +128,7 @@ def formatStatus(status: dict[str, Any]) -> str:
             + ", ".join(
                 f"pid {w['pid'] or '-'} {w['sessions']} sessions"
                 + (f" ({w['restarts']} restarts)" if w["restarts"] else "")
+                + _balanceText(w)
                 for w in workers
             )
         )

@@ -93,6 +93,8 @@ _workerEntry: Schema = (
     (b"sessions", Integer()),
     (b"restarts", Integer()),
     (b"uptime", Float()),
+    (b"holding", Boolean(optional=True)),
+    (b"holds", Integer(optional=True)),
 )
 
 _generationEntry: Schema = (

@@ -167,7 +167,8 @@ class Generation:
         #: Told of every transition (L{graceful_plugin.lifecycle.IGenerationObserver}).
         self.observers: list[Any] = []
         #: The generation's other worker processes, if any
-        #: (L{graceful_plugin.workerspawn.WorkerSupervisor}): C{describe()} and C{sessions}.
+        #: (L{graceful_plugin.workerspawn.WorkerSupervisor}): C{describe()}, C{balanceOf()} and
+        #: C{sessions}.
         self.workers: Any = None
 
     def tell(self, event: str, *args: Any) -> None:
@@ -583,4 +584,7 @@ class Generation:
             "restarts": 0,
             "uptime": time.monotonic() - self.startedAt,
         }
-        return [own] + (self.workers.describe() if self.workers is not None else [])
+        if self.workers is None:
+            return [own]
+        own.update(self.workers.balanceOf(0))
+        return [own] + self.workers.describe()

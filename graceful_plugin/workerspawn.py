@@ -26,7 +26,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from graceful_plugin.balance import Balancer, Board, balancedPorts, balanceWanted
+from graceful_plugin.balance import HOLDING, Balancer, Board, balancedPorts, balanceWanted
 from graceful_plugin.control import AdoptConnection, NoHandoff
 from graceful_plugin.handover import relay
 from graceful_plugin.lifecycle import Observer
@@ -438,9 +438,28 @@ class WorkerSupervisor(Observer, service.Service):
 
     def describe(self) -> list[dict[str, Any]]:
         """
-        One entry per worker besides the leader (see L{WorkerGroup.describe}).
+        One entry per worker besides the leader (see L{WorkerGroup.describe}), each with its
+        L{balanceOf}.
         """
-        return self.group.describe() if self.group is not None else []
+        if self.group is None:
+            return []
+        entries = self.group.describe()
+        for entry in entries:
+            entry.update(self.balanceOf(entry["index"]))
+        return entries
+
+    def balanceOf(self, index: int) -> dict[str, Any]:
+        """
+        What the group's balance table says of the process at C{index} (0: the leader):
+        C{holding}, whether it holds accepting now, and C{holds}, how many times its place of
+        the group held; empty when the group does not balance (one process, or
+        C{GRACEFUL_BALANCE=off}).
+        """
+        if self.group is None or not self._boards or not 0 <= index < self._boards[-1].size:
+            return {}
+        board = self._boards[-1]
+        _, state = board.read()[index]
+        return {"holding": state == HOLDING, "holds": board.holds()[index]}
 
     @property
     def sessions(self) -> int:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -280,6 +282,84 @@ def test_aProcessOverTheMeanMayHoldWhenTheHolderIsNoLongerOver(board: Board) -> 
     portA.open(6)  # 11 and 12
     clock.advance(CHECK)
     assert not b.holding and portB.reading()
+
+
+class LockCountingBoard(Board):
+    """
+    A real table that counts how often its lock is taken.
+    """
+
+    taken = 0
+
+    @contextmanager
+    def locked(self) -> Iterator[bool]:
+        self.taken += 1
+        with super().locked() as taken:
+            yield taken
+
+
+def test_onlyTheDecisionToHoldTakesTheLock() -> None:
+    """
+    Holding is decided under the table's lock; reading again (own sessions ended, or at a look
+    once no longer over) takes no lock, since another reader is always safe; connections that
+    keep a process under the margin never take it either.
+    """
+    table = LockCountingBoard.create(2)
+    try:
+        clock = Clock()
+        (a, portA), (b, portB) = group(table, clock)
+        portA.open(2)
+        portA.close(2)
+        assert table.taken == 0
+        portA.open(5)
+        assert a.holding and table.taken == 1
+        portA.close(1)  # 4 against a mean of 2: within the margin, reads again
+        assert not a.holding and table.taken == 1
+        portA.open(1)
+        assert a.holding and table.taken == 2
+        portB.open(3)  # 5 against a mean of 4: A reads again at its look
+        clock.advance(CHECK)
+        assert not a.holding and portA.reading() and table.taken == 2
+    finally:
+        table.close()
+
+
+def test_aProcessNeverWaitsForTheLock(board: Board) -> None:
+    """
+    While another process holds the table's lock (deciding, or descheduled mid-decision), a
+    process over the mean does not wait for it: it reads on, and holds at a later connection
+    once the lock is free.
+    """
+    other = Board(os.open(f"/proc/self/fd/{board.fileno()}", os.O_RDWR), board.size)
+    try:
+        clock = Clock()
+        (a, portA), _ = group(board, clock)
+        with other.locked() as taken:
+            assert taken
+            portA.open(6)
+            assert not a.holding and portA.reading()
+        portA.open(1)
+        assert a.holding and not portA.reading()
+    finally:
+        other.close()
+
+
+def test_theTableCountsEachProcessHolds(board: Board) -> None:
+    """
+    Each time a process holds, its slot's hold count grows by one (and its balancer's); the
+    count outlives the hold, and a cleared slot (its process gone) keeps its place's count.
+    """
+    clock = Clock()
+    (a, portA), (b, portB) = group(board, clock)
+    assert board.holds() == [0, 0, 0]
+    portA.open(5)
+    portA.close(2)
+    portA.open(2)
+    assert a.holding and a.holds == 2 and b.holds == 0
+    assert board.holds() == [2, 0, 0]
+    assert board.read()[0] == (5, HOLDING)
+    board.clear(0)
+    assert board.holds() == [2, 0, 0] and board.read()[0] == (0, IDLE)
 
 
 def test_balanceCanBeTurnedOffToMeasureIt() -> None:

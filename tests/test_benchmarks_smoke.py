@@ -205,6 +205,10 @@ def test_workersBenchmarkPrintsEveryCount(tmp_path: Path) -> None:
             assert run[mode]["server_us_per_request"] > 0
         for mode in ("fresh", "keepalive"):
             assert run[mode]["rps"] > 0 and run[mode]["errors"] == 0
+            # The balance's holds during the run, from status: none to count without it.
+            holds = run[mode]["holds"]
+            assert (holds is None) == (run["workers"] == 1 or not run["balance"]), run
+            assert holds is None or holds >= 0
         # Every process accepted some of the probes; the keep-alive spread is one status read,
         # which a loaded machine may answer after this short run has ended.
         assert len(run["fresh"]["spread"]) == run["workers"]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from graceful_plugin.ctl import CtlError, checkVersion
+from graceful_plugin.ctl import CtlError, checkVersion, formatStatus
 from graceful_plugin.restart import successorCommand
 from tests.operate import (
     becomeSubreaper,
@@ -427,3 +427,29 @@ def test_aRealRestartPassesNoListeningSocket(procs: Processes, workdir: Path) ->
     targets = json.loads(dump.read_text())
     assert not [t for t in targets.values() if t.startswith("socket:")], targets
     assert targets["0"] == "/dev/null"
+
+
+def test_statusForPeopleShowsEachWorkersBalance() -> None:
+    """
+    The human status names, for each process of a balancing group, how many times it held
+    and whether it holds now; a process without balance entries (older server, balance off)
+    shows neither.
+    """
+    status = {
+        "pid": 10,
+        "generation": 1,
+        "state": "serving",
+        "uptime": 3.0,
+        "listeners": [],
+        "draining": [],
+        "workers": [
+            {"index": 0, "pid": 10, "sessions": 4, "restarts": 0, "holding": True, "holds": 7},
+            {"index": 1, "pid": 11, "sessions": 2, "restarts": 1, "holding": False, "holds": 0},
+            {"index": 2, "pid": 12, "sessions": 1, "restarts": 0, "holding": None, "holds": None},
+        ],
+    }
+    text = formatStatus(status)
+    assert (
+        "workers: 3: pid 10 4 sessions, holding, held 7 times,"
+        " pid 11 2 sessions (1 restarts), held 0 times, pid 12 1 sessions\n"
+    ) in text, text

@@ -14,7 +14,7 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory
 
-from graceful_plugin.balance import ACCEPTING, IDLE, Board
+from graceful_plugin.balance import ACCEPTING, HOLDING, IDLE, Board
 from graceful_plugin.control import PROTOCOL_VERSION, Abort, Accepting, Commit, Hello, NoHandoff
 from graceful_plugin.server import GracefulServer
 from graceful_plugin.workerspawn import WorkerSupervisor
@@ -331,6 +331,22 @@ class GroupBalanceTests(GroupTestCase):
         assert self.supervisor.balancer is not None
         self.assertIs(self.supervisor.balancer.board, board)
         self.assertEqual(self.supervisor.balancer.index, 0)
+
+    def test_statusShowsEachProcesssBalance(self) -> None:
+        """
+        Status lists, for the leader and each worker, whether it holds accepting now and how
+        many times it held, as the group's balance table says.
+        """
+        board = self.spawnedWith[-1]
+        board.publish(2, 9, HOLDING)  # as worker 2 would, holding for the third time
+        for _ in range(3):
+            board.countHold(2)
+        board.countHold(0)
+        entries = self.server.responder.status(None, 0)["workers"]  # type: ignore[arg-type]
+        self.assertEqual(
+            [(e["index"], e["holding"], e["holds"]) for e in entries],
+            [(0, False, 1), (1, False, 0), (2, True, 3)],
+        )
 
     def test_aWorkerThatEndedIsClearedFromTheTable(self) -> None:
         """

@@ -171,6 +171,9 @@ def test_connectionsOpenedTogetherSpreadOverTheGroup(procs: Processes, workdir: 
         )
         held = sorted(w["sessions"] for w in now["workers"])
         assert held[0] >= 8, held
+        # Status says, for each process, whether it holds now and how many times it held.
+        assert all(isinstance(w["holding"], bool) for w in now["workers"]), now["workers"]
+        assert all(isinstance(w["holds"], int) for w in now["workers"]), now["workers"]
     finally:
         for sock in socks:
             sock.close()
