@@ -40,6 +40,7 @@ import struct
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -713,6 +714,11 @@ class ForkServer:
             else:
                 sys.argv = [target, *args]
                 sys.path.insert(0, os.getcwd())
+                # (A module we preloaded, as the worker's: runpy warns that it runs it again as
+                # __main__, which is what a full start does too.)
+                warnings.filterwarnings(
+                    "ignore", "'.*' found in sys.modules after import of package", RuntimeWarning
+                )
                 runpy.run_module(target, run_name="__main__", alter_sys=True)
             code = 0
         except SystemExit as e:
