@@ -19,7 +19,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.application import service
@@ -191,6 +191,19 @@ def describeExitCode(code: int | None) -> str:
 #: The process name of a worker forked by the fork server (C{ps -o comm}, C{pgrep}).
 FORKED_NAME = "graceful-worker"
 
+#: The environment variable that has workers started in full even with a fork server
+#: (C{off}), to compare.
+ENV_FORK_WORKERS = "GRACEFUL_FORK_WORKERS"
+
+
+def forkWorkers(env: Mapping[str, str] | None = None) -> bool:
+    """
+    Whether workers are forked from the fork server when there is one (unless
+    C{GRACEFUL_FORK_WORKERS=off}).
+    """
+    value = (os.environ if env is None else env).get(ENV_FORK_WORKERS, "")
+    return value.strip().lower() not in ("off", "0", "no", "false")
+
 
 def spawnWorker(
     reactor: Any,
@@ -215,8 +228,10 @@ def spawnWorker(
     worker = WorkerProcess(index, report)
     start = _WorkerStart(reactor, worker, listeners, application, generation, drainTimeout, board)
     link = getattr(forker, "link", None)
-    if link is None or not link.connected:
+    if link is None or not link.connected or not forkWorkers():
         why = getattr(forker, "unavailable", "") or "there is no fork server"
+        if link is not None and link.connected:
+            why = f"{ENV_FORK_WORKERS}=off"
         if forker is not None:
             log.info("worker {index}: started in full: {reason}", index=index, reason=why)
         start.spawn()
