@@ -1,7 +1,9 @@
 """
 A generation's side of the fork server (L{graceful_plugin.forkserver}): find it or start it once
-serving, keep a connection to it for as long as the generation lives, and have it fork
-successors; fall back to a full start, saying why, whenever it cannot.
+serving (a successor attaches to its predecessor's as it starts, for its workers), keep a
+connection to it for as long as the generation lives, and have it fork successors and any
+other command of this interpreter with the descriptors it is given (a worker:
+L{ForkLauncher.forkProcess}); fall back to a full start, saying why, whenever it cannot.
 """
 
 from __future__ import annotations

@@ -340,6 +340,7 @@ class _WorkerStart:
         childFDs, config, ours = self._prepare(forked=True)
         devnull = os.open(os.devnull, os.O_RDONLY)
         try:
+            self._adopt(ours)
             # (The fork server runs at idle priority: so does what it forks, until it is ready.)
             d = forker.forkProcess(
                 [sys.executable, "-m", "graceful_plugin.worker", config.toJSON()],
@@ -348,7 +349,6 @@ class _WorkerStart:
                 {**childFDs, 0: devnull},
                 name=FORKED_NAME,
             )
-            self._adopt(ours)
         finally:
             # (The fork server's link holds copies until they have been sent.)
             os.close(devnull)

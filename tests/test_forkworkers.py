@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
@@ -193,6 +193,28 @@ class SpawnWorkerTests(SynchronousTestCase):
             " 3 descriptors were passed for 5 targets",
             self.logged(),
         )
+
+    def test_forkRefusedAtOnceLeavesTheFullStartsLink(self) -> None:
+        """
+        A fork refused at once (before the request returns) still leaves the worker on the link
+        of its full start, not on the one its fork was to use.
+        """
+
+        adopted = self.reactor.adoptedStreamConnections
+        linksWhenAsked = []
+
+        class Refusing(_Forker):
+            def forkProcess(self, *a: Any, **kw: Any) -> Deferred[Any]:
+                linksWhenAsked.append(len(adopted))
+                return fail(ForkFailed("the fork server closed the connection"))
+
+        worker = self.spawn(Refusing())
+        # The fork's link was ours before the request; the full start's came after it.
+        self.assertEqual(linksWhenAsked, [1])
+        [first, second] = adopted
+        self.assertIs(second[2].buildProtocol(None), worker.link)
+        self.assertIsNot(first[2].buildProtocol(None), worker.link)
+        self.assertEqual(len(self.reactor.spawned), 1)
 
     def test_killedWhileAForkFailsIsNotStarted(self) -> None:
         """
