@@ -241,9 +241,13 @@ class Graceful(Server):
         return argv + list(extra)
 
     def start(self) -> None:
-        first = self.spawn(self.command("--port", f"tcp:{self.port}:interface={HOST}"))
+        extra = ["--workers", str(self.args.workers)] if self.args.workers != 1 else []
+        first = self.spawn(self.command("--port", f"tcp:{self.port}:interface={HOST}", *extra))
         wait_for(lambda: serves(self.port), 30, f"starting {self.name}")
         self.old = first.pid
+        if self.args.workers != 1:
+            log = self.tmp / f"{self.name}-1.log"
+            wait_for(lambda: b"workers accepting" in log.read_bytes(), 30, "for the workers")
         if self.fork:
             # The fork server is up once the generation logged that it uses it.
             log = self.tmp / f"{self.name}-1.log"
@@ -780,6 +784,12 @@ def parse_args(argv):
         metavar="N",
         help="instead of the load: N takeovers of each graceful scenario without load, and the"
         " CPU each process used in each (robust to other work on the machine)",
+    )
+    add(
+        "--workers",
+        type=int,
+        default=1,
+        help="graceful scenarios: processes per generation (--workers; a successor keeps it)",
     )
     add("--plot", type=Path, help="a PNG (needs matplotlib: the bench extra)")
     args = parser.parse_args(argv)

@@ -61,6 +61,14 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def _busy() -> int:
     """The machine's non-idle CPU time so far, in ticks."""
     with open("/proc/stat") as f:
@@ -116,10 +124,19 @@ class Sampler:
                 self.tracked[pid] = "forked"
             elif "graceful_plugin.forkserver" in command:
                 self.tracked[pid] = "forkserver"
+            elif "graceful_plugin.worker" in command:
+                self.tracked[pid] = "worker"
             elif "twistd" in command:
                 self.tracked[pid] = "server"
             elif "graceful-ctl" in command:
                 self.tracked[pid] = "ctl"
+
+    def _retag(self) -> None:
+        # The fork server's children are successors or workers (a spare becomes either): a
+        # worker it forked renames itself (graceful-worker).
+        for pid, role in list(self.tracked.items()):
+            if role == "forked" and _comm(pid) == "graceful-worker":
+                self.tracked[pid] = "worker"
 
     def _run(self) -> None:
         discovered = 0.0
@@ -127,6 +144,7 @@ class Sampler:
             now = time.monotonic()
             if now - discovered > 0.02:
                 self._discover(now)
+                self._retag()
                 discovered = now
             for pid in list(self.tracked):
                 st = _stat(pid)
@@ -406,7 +424,9 @@ def format_timeline(name: str, tl: dict) -> str:
 def takeover_cpu(sampler: Sampler, event: dict, until: float) -> dict[str, float]:
     """
     CPU (ms) each graceful process used from just before a takeover's start to ``until``:
-    ``old``, ``new``, ``forkserver``, ``ctl`` (a ``graceful-ctl`` call), and their ``total``.
+    ``old``, ``new``, ``workers`` (every worker process of either generation, with ``--workers``:
+    the new ones starting, the old ones draining and exiting), ``forkserver``, ``ctl`` (a
+    ``graceful-ctl`` call), and their ``total``.
     """
     t0 = event["start"] - 0.005
     used: dict[str, float] = {}
@@ -422,6 +442,7 @@ def takeover_cpu(sampler: Sampler, event: dict, until: float) -> dict[str, float
         if spent <= 0:
             continue
         name = {event["old_pid"]: "old", event.get("new_pid"): "new"}.get(pid, role)
+        name = "workers" if name == "worker" else name
         if name == "server" or name == "forked":
             continue  # an older generation still draining, or a successor that failed
         used[name] = round(used.get(name, 0.0) + spent, 1)
@@ -431,7 +452,7 @@ def takeover_cpu(sampler: Sampler, event: dict, until: float) -> dict[str, float
 
 def format_takeover_cpu(rows: list[tuple[str, list[dict[str, float]]]]) -> str:
     """The median CPU per takeover of each scenario, by process."""
-    roles = ["old", "new", "forkserver", "ctl", "total"]
+    roles = ["old", "new", "workers", "forkserver", "ctl", "total"]
     cells = [["scenario", "takeovers", *(f"{r} ms" for r in roles)]]
     for name, takeovers in rows:
         line = [name, str(len(takeovers))]
@@ -450,6 +471,7 @@ def format_takeover_cpu(rows: list[tuple[str, list[dict[str, float]]]]) -> str:
     out.append(
         "CPU per takeover without load (median): old = the predecessor from the takeover's start"
         " to its exit (handoff, drain, exit), new = the successor from its start to 0.5 s after"
-        " its predecessor exited, forkserver, ctl = the graceful-ctl call; sampled in /proc"
+        " its predecessor exited, workers = both generations' worker processes (--workers),"
+        " forkserver, ctl = the graceful-ctl call; sampled in /proc"
     )
     return "\n".join(out)

@@ -1,24 +1,29 @@
 """
 A generation's side of the fork server (L{graceful_plugin.forkserver}): find it or start it once
-serving, keep a connection to it for as long as the generation lives, and have it fork
-successors; fall back to a full start, saying why, whenever it cannot.
+serving (a successor attaches to its predecessor's as it starts, for its workers), keep a
+connection to it for as long as the generation lives, and have it fork successors and any
+other command of this interpreter with the descriptors it is given (a worker:
+L{ForkLauncher.forkProcess}); fall back to a full start, saying why, whenever it cannot.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectError
+from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from graceful_plugin.forkserver import ENV_ADDRESS, MAX_MESSAGE, addressFor, sockaddr
 from graceful_plugin.priority import idleChildren
@@ -33,14 +38,88 @@ READY_TIMEOUT = 60.0
 
 class ForkedProcess:
     """
-    A successor forked by the fork server: its pid, and its exit status once the fork server
-    has reaped it (L{poll}, as L{subprocess.Popen.poll}).
+    A process forked by the fork server (a successor, a worker): its pid, and its exit status
+    once the fork server has reaped it (L{poll}, as L{subprocess.Popen.poll}, or
+    L{whenExited}); L{signalProcess} signals it as a Twisted process transport does.
     """
 
     def __init__(self, pid: int, link: ForkServerLink) -> None:
         self.pid = pid
         self.returncode: int | None = None
         self._link = link
+        self._waiting: list[Deferred[int | None]] = []
+        #: A descriptor for the process itself (C{pidfd_open}), once someone waits for its end:
+        #: it signals the right process however late, and tells its end if the fork server
+        #: cannot any more.
+        self._pidfd: int | None = None
+        self._watch: _ExitWatch | None = None
+
+    def whenExited(self) -> Deferred[int | None]:
+        """
+        Fires with the exit status (negative: the signal that ended it, as
+        L{os.waitstatus_to_exitcode}) once the fork server has reaped it; with L{None} when it
+        ended after the fork server had gone (nobody can tell its status then).
+        """
+        d: Deferred[int | None] = Deferred()
+        if self.returncode is not None:
+            d.callback(self.returncode)
+            return d
+        if self._pidfd is None:
+            try:
+                self._pidfd = os.pidfd_open(self.pid)
+            except (AttributeError, OSError):
+                self._pidfd = None
+        self._waiting.append(d)
+        if not self._link.connected:
+            self.orphaned()
+        return d
+
+    def signalProcess(self, signalID: str | int) -> None:
+        """
+        Send it a signal (C{"KILL"}, C{"TERM"}, C{"INT"} or a number).
+
+        @raise ProcessExitedAlready: it has ended.
+        """
+        from twisted.internet.error import ProcessExitedAlready
+
+        if self.returncode is not None:
+            raise ProcessExitedAlready()
+        number = signalID if isinstance(signalID, int) else getattr(signal, f"SIG{signalID}")
+        try:
+            if self._pidfd is not None:
+                signal.pidfd_send_signal(self._pidfd, number)
+            else:
+                os.kill(self.pid, number)
+        except ProcessLookupError:
+            raise ProcessExitedAlready() from None
+
+    def exited(self, status: int | None) -> None:
+        """
+        It has ended (the fork server reaped it, or, with L{None}, it ended after the fork
+        server had gone).
+        """
+        if self.returncode is None:
+            self.returncode = 255 if status is None else status
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(status)
+
+    def orphaned(self) -> None:
+        """
+        The fork server has gone: watch for the end ourselves (its pidfd becomes readable).
+        """
+        if not self._waiting or self._watch is not None or self.returncode is not None:
+            return
+        if self._pidfd is None:
+            self.exited(None)
+            return
+        self._watch = _ExitWatch(self._link.launcher.reactor, self._pidfd, self)
 
     def poll(self) -> int | None:
         if self.returncode is None and not self._link.connected:
@@ -54,9 +133,38 @@ class ForkedProcess:
         return self.returncode
 
 
+@implementer(IReadDescriptor)
+class _ExitWatch:
+    """
+    A forked process's pidfd on the reactor: readable once the process has ended.
+    """
+
+    def __init__(self, reactor: Any, pidfd: int, process: ForkedProcess) -> None:
+        self.reactor = reactor
+        self.pidfd = pidfd
+        self.process = process
+        reactor.addReader(self)
+
+    def fileno(self) -> int:
+        return self.pidfd
+
+    def doRead(self) -> None:
+        self.process.exited(None)
+
+    def stop(self) -> None:
+        self.reactor.removeReader(self)
+
+    def connectionLost(self, reason: Failure) -> None:
+        pass
+
+    def logPrefix(self) -> str:
+        return "ForkedProcess"
+
+
 class ForkServerLink(Int32StringReceiver):
     """
-    The connection to the fork server: requests out, answers and exit statuses in.
+    The connection to the fork server: requests out (one at a time, so that the descriptors
+    passed since the last request are the next one's), answers and exit statuses in.
     """
 
     MAX_LENGTH = MAX_MESSAGE
@@ -65,26 +173,43 @@ class ForkServerLink(Int32StringReceiver):
         self.launcher = launcher
         self.connected = False
         self.pending: dict[int, tuple[Deferred[Any], list[int]]] = {}
+        #: Requests not sent yet (one is in flight at a time): id, message, descriptors.
+        self.queued: list[tuple[int, bytes, list[int]]] = []
         self.children: dict[int, ForkedProcess] = {}
         self._next = 0
+        #: The request sent and not answered yet.
+        self._inFlight: int | None = None
 
     def connectionMade(self) -> None:
         self.connected = True
 
     def fork(
-        self, argv: Sequence[str], cwd: str, env: dict[str, str], fresh: bool
+        self,
+        argv: Sequence[str],
+        cwd: str,
+        env: dict[str, str],
+        fresh: bool,
+        fds: Mapping[int, int] | None = None,
+        name: str | None = None,
     ) -> Deferred[Any]:
         """
-        Ask for a fork; fires with the answer (C{pid}, C{refreshed}), fails with the reason.
+        Ask for a fork; fires with the answer (C{process}, C{refreshed}, C{ahead}), fails with
+        the reason.
+
+        @param fds: the child's descriptors: number in the child -> our descriptor (duplicated
+            at once: the caller may close its own).  Without, stdin from /dev/null and our
+            stdout and stderr, as a full start has them.
+        @param name: the child's process name (C{ps -o comm}), else its program's.
         """
         assert self.transport is not None
         self._next += 1
-        devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        # stdin from /dev/null, our stdout and stderr, as a full start has them.  Our copies stay
-        # open until the answer: the descriptors are sent when the transport writes, later.
-        for fd in (devnull, 1, 2):
-            self.transport.sendFileDescriptor(fd)  # type: ignore[attr-defined]
-        request = {
+        if fds is None:
+            targets = [0, 1, 2]
+            passed = [os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), os.dup(1), os.dup(2)]
+        else:
+            targets = sorted(fds)
+            passed = [os.dup(fds[target]) for target in targets]
+        request: dict[str, Any] = {
             "op": "fork",
             "id": self._next,
             "argv": list(argv),
@@ -92,10 +217,38 @@ class ForkServerLink(Int32StringReceiver):
             "env": env,
             "fresh": fresh,
         }
+        if fds is not None:
+            # (An old fork server ignores what it does not know, and takes three: stdio.)
+            request["targets"] = targets
+        if name is not None:
+            request["name"] = name
+        data = json.dumps(request).encode()
+        # Each descriptor rides on one byte of the message (Twisted's Unix transport).
+        data += b" " * max(0, len(passed) - len(data))
         d: Deferred[Any] = Deferred()
-        self.pending[self._next] = (d, [devnull])
-        self.sendString(json.dumps(request).encode())
+        # Our copies stay open until the answer: the descriptors are sent when the transport
+        # writes, later.
+        self.pending[self._next] = (d, passed)
+        self.queued.append((self._next, data, passed))
+        self._sendNext()
         return d
+
+    def _sendNext(self) -> None:
+        if self.transport is None or not self.connected:
+            return
+        while self.queued and self._inFlight is None:
+            ident, data, passed = self.queued.pop(0)
+            d, _ = self.pending[ident]
+            if d.called:
+                # Given up before it was sent (timed out): never sent, nothing to answer.
+                del self.pending[ident]
+                for fd in passed:
+                    os.close(fd)
+                continue
+            for fd in passed:
+                self.transport.sendFileDescriptor(fd)  # type: ignore[attr-defined]
+            self.sendString(data)
+            self._inFlight = ident
 
     def stringReceived(self, string: bytes) -> None:
         try:
@@ -109,7 +262,7 @@ class ForkServerLink(Int32StringReceiver):
         if op == "exited":
             child = self.children.pop(message["pid"], None)
             if child is not None:
-                child.returncode = message["status"]
+                child.exited(message["status"])
             return
         entry = self.pending.pop(message.get("id"), None)
         if entry is None:
@@ -117,6 +270,9 @@ class ForkServerLink(Int32StringReceiver):
         d, toClose = entry
         for fd in toClose:
             os.close(fd)
+        if message.get("id") == self._inFlight:
+            self._inFlight = None
+            self._sendNext()
         if d.called:
             return  # timed out: the full start runs already
         if op == "forked":
@@ -135,12 +291,17 @@ class ForkServerLink(Int32StringReceiver):
     def connectionLost(self, reason: Failure | None = None) -> None:  # type: ignore[override]
         self.connected = False
         pending, self.pending = self.pending, {}
+        self.queued = []
         for d, toClose in pending.values():
             for fd in toClose:
                 os.close(fd)
             if not d.called:
                 d.errback(ForkFailed("the fork server closed the connection"))
         self.launcher.linkLost(self, reason or Failure(ConnectionError("closed")))
+        # Nobody will tell us how our children end now: they tell us themselves.
+        children, self.children = self.children, {}
+        for child in children.values():
+            child.orphaned()
 
 
 class ForkFailed(Exception):
@@ -198,19 +359,55 @@ class ForkLauncher:
         self.unavailable = "the fork server is not started yet"
         self._starting = False
         self._stopping = False
+        self._prepared = False
+        self._attachWaiters: list[Deferred[None]] = []
 
     # -- finding or starting the fork server ------------------------------------------------
+
+    def _prepare(self) -> None:
+        if self._prepared:
+            return
+        self._prepared = True
+        os.environ[ENV_ADDRESS] = self.address
+        # Our connection ends with us: that is no news.
+        self.reactor.addSystemEventTrigger("before", "shutdown", self._shuttingDown)
+
+    def attach(self) -> Deferred[None]:
+        """
+        Connect to the fork server if one answers, never starting one (a successor, for its
+        workers, before it serves); fires once connected or not.
+        """
+        if self.link is not None or self._starting:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._attachWaiters.append(d)
+        if len(self._attachWaiters) == 1:
+            self._prepare()
+
+            def notThere(failure: Failure) -> None:
+                self.unavailable = (
+                    f"no fork server answers at {self.address} ({failure.getErrorMessage()})"
+                )
+
+            def done(_: object) -> None:
+                waiters, self._attachWaiters = self._attachWaiters, []
+                for waiter in waiters:
+                    waiter.callback(None)
+
+            self._connect().addErrback(notThere).addBoth(done)
+        return d
 
     def start(self) -> Deferred[None]:
         """
         Connect to the fork server, starting one first if none answers (once per generation).
         """
+        if self._attachWaiters:
+            return self.attach().addCallback(lambda _: self.start())
         if self._starting or self.link is not None:
             return succeed(None)
         self._starting = True
-        os.environ[ENV_ADDRESS] = self.address
-        # Our connection ends with us: that is no news.
-        self.reactor.addSystemEventTrigger("before", "shutdown", self._shuttingDown)
+        self.unavailable = "the fork server is starting"
+        self._prepare()
         d = self._connect()
 
         def noServer(failure: Failure) -> Any:
@@ -312,6 +509,50 @@ class ForkLauncher:
             f"the fork server (pid {self.serverPid}) has gone ({reason.getErrorMessage()})"
         )
         self.log.warn("{reason}; successors will be started in full", reason=self.unavailable)
+
+    # -- forking any command ----------------------------------------------------------------
+
+    def forkProcess(
+        self,
+        argv: Sequence[str],
+        cwd: str,
+        env: dict[str, str],
+        fds: Mapping[int, int],
+        name: str | None = None,
+    ) -> Deferred[ForkedProcess]:
+        """
+        Have the fork server fork C{argv} (a module or script of this interpreter) with the
+        descriptors C{fds} (number in the child -> ours; duplicated at once) and nothing else.
+
+        @return: fires with the L{ForkedProcess}; fails with L{ForkFailed} saying why (no fork
+            server, it refused, or it did not answer within C{forkTimeout}: then the link is
+            dropped, so that nothing it forks late finds us).
+        """
+        link = self.link
+        if link is None or not link.connected:
+            return fail(ForkFailed(self.unavailable or "there is no fork server"))
+        d = link.fork(argv, cwd, env, False, fds=fds, name=name)
+        d.addTimeout(self.forkTimeout, self.reactor)
+
+        def forked(answer: dict[str, Any]) -> ForkedProcess:
+            if answer.get("refreshed"):
+                self.log.info(
+                    "fork server pid {pid} replaced itself with a fresh one before forking:"
+                    " {reason}",
+                    pid=self.serverPid,
+                    reason=answer["refreshed"],
+                )
+            process: ForkedProcess = answer["process"]
+            return process
+
+        def failed(failure: Failure) -> Any:
+            if failure.check(ForkFailed) is None:
+                if link.transport is not None:
+                    link.transport.loseConnection()
+                raise ForkFailed(f"the fork server did not answer within {self.forkTimeout:g} s")
+            return failure
+
+        return d.addCallbacks(forked, failed)
 
     # -- starting a successor ---------------------------------------------------------------
 

@@ -9,8 +9,10 @@ Unix socket in the abstract namespace, named after the control socket and the ui
 connection for as long as it lives; the fork server exits when no generation is connected and no
 child of its runs.
 
-On a L{fork request<ForkServer._fork>} (the successor's argv, cwd and environment, with its
-stdin, stdout and stderr passed along with C{SCM_RIGHTS}) it first checks that what it imported
+On a L{fork request<ForkServer._fork>} (the command's argv, cwd and environment, with the
+descriptors it gets passed along with C{SCM_RIGHTS}: its stdin, stdout and stderr, or any others
+at the numbers the request's C{targets} name, as a worker gets its link and listeners; one
+request at a time on a connection) it first checks that what it imported
 is still what is on disk: the size and mtime of every loaded module's file and of the
 interpreter, and the C{PYTHON*} variables of the request.  When anything differs, or a fresh one
 was asked for, it replaces itself (C{exec} of itself, keeping its pid, its children and its
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import array
 import atexit
+import fcntl
 import hashlib
 import json
 import os
@@ -37,6 +40,7 @@ import struct
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +59,12 @@ FIRST_CONNECTION_TIMEOUT = 60.0
 MAX_MESSAGE = 4 * 1024 * 1024
 
 _HEADER = struct.Struct("!I")
+
+#: The most descriptors one C{sendmsg} may carry on Linux (C{SCM_MAX_FD}).
+SCM_MAX_FD = 253
+
+#: The descriptors a fork request passes when it names no C{targets}: stdin, stdout, stderr.
+STDIO = (0, 1, 2)
 
 #: What the fork server imports once, for every successor (the application is never one).
 PRELOAD = (
@@ -281,7 +291,69 @@ def _log(message: str) -> None:
 class _Connection:
     sock: socket.socket
     buffer: bytes = b""
+    #: The descriptors passed since the last request: the next request's.
     fds: list[int] = field(default_factory=list)
+    #: Some passed descriptors were lost (more in one message than we take): the next request
+    #: cannot be served as asked.
+    truncated: bool = False
+
+
+class BadTargets(Exception):
+    """
+    A fork request's C{targets} do not fit the descriptors passed with it.
+    """
+
+
+def targetsOf(request: Mapping[str, Any], passed: int, limit: int | None = None) -> list[int]:
+    """
+    Where the child gets each descriptor passed with C{request}, in the order they were passed:
+    the request's C{targets} (distinct numbers, 0, 1 and 2 among them, below the descriptor
+    limit), or stdin, stdout and stderr when it names none (what every request was before).
+
+    @raise BadTargets: with a sentence, when they do not fit the C{passed} descriptors.
+    """
+    targets = request.get("targets")
+    if targets is None:
+        targets = list(STDIO)
+    elif not isinstance(targets, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) for t in targets
+    ):
+        raise BadTargets("the targets are not a list of descriptor numbers")
+    limit = _maxFd() if limit is None else limit
+    if len(targets) != passed:
+        raise BadTargets(f"{passed} descriptors were passed for {len(targets)} targets")
+    if len(set(targets)) != len(targets):
+        raise BadTargets("the targets name a descriptor twice")
+    if any(t < 0 or t >= limit for t in targets):
+        raise BadTargets(f"a target is not a descriptor number from 0 to {limit - 1}")
+    if not set(STDIO) <= set(targets):
+        raise BadTargets("the targets do not include stdin, stdout and stderr (0, 1, 2)")
+    return list(targets)
+
+
+def placeDescriptors(fds: Sequence[int], targets: Sequence[int]) -> None:
+    """
+    In a child: make each of C{fds} descriptor number C{targets[i]} (inheritable), then close
+    every other descriptor.  Each is first moved above every target, so that a passed descriptor
+    whose number is another's target is not overwritten before it has been placed.
+    """
+    top = max(targets) + 1
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, top) for fd in fds]
+    for target, fd in zip(targets, moved, strict=True):
+        os.dup2(fd, target)
+    closeAllBut(targets)
+
+
+def closeAllBut(keep: Iterable[int]) -> None:
+    """
+    Close every descriptor of this process but C{keep}.
+    """
+    low = 0
+    for fd in sorted(set(keep)):
+        if fd > low:
+            os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, _maxFd())
 
 
 class ForkServer:
@@ -341,7 +413,17 @@ class ForkServer:
             self.selector.register(conn.sock, selectors.EVENT_READ)
         self._reap()
         if pending is not None:
-            self._fork(pending["connection"], pending["request"], pending["fds"], pending["why"])
+            request, fds = pending["request"], pending["fds"]
+            try:
+                # (An older fork server took the request: it may not have taken its targets.)
+                request["targets"] = targetsOf(request, len(fds))
+            except BadTargets as e:
+                for passed in fds:
+                    os.close(passed)
+                answer = {"op": "error", "id": request.get("id"), "reason": str(e)}
+                self._send(pending["connection"], answer)
+            else:
+                self._fork(pending["connection"], request, fds, pending["why"])
         try:
             return self._loop()
         finally:
@@ -402,11 +484,13 @@ class ForkServer:
     def _readable(self, fd: int) -> None:
         conn = self.connections[fd]
         try:
-            data, ancdata, _, _ = conn.sock.recvmsg(65536, socket.CMSG_SPACE(16 * 4))
+            data, ancdata, flags, _ = conn.sock.recvmsg(65536, socket.CMSG_SPACE(SCM_MAX_FD * 4))
         except BlockingIOError:
             return
         except OSError:
-            data, ancdata = b"", []
+            data, ancdata, flags = b"", [], 0
+        if flags & socket.MSG_CTRUNC:
+            conn.truncated = True
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds = array.array("i")
@@ -450,11 +534,18 @@ class ForkServer:
         if request.get("op") != "fork":
             self._send(fd, {"op": "error", "id": request.get("id"), "reason": "unknown request"})
             return
-        count = 3
-        if len(conn.fds) < count:
-            self._send(fd, {"op": "error", "id": request.get("id"), "reason": "no stdio passed"})
+        # One request at a time on a connection: what was passed since the last one is its.
+        fds, conn.fds = conn.fds, []
+        truncated, conn.truncated = conn.truncated, False
+        try:
+            if truncated:
+                raise BadTargets(f"more than {SCM_MAX_FD} descriptors came in one message")
+            request["targets"] = targetsOf(request, len(fds))
+        except BadTargets as e:
+            for passed in fds:
+                os.close(passed)
+            self._send(fd, {"op": "error", "id": request.get("id"), "reason": str(e)})
             return
-        fds, conn.fds = conn.fds[:count], conn.fds[count:]
         why = "a fresh fork server was asked for" if request.get("fresh") else None
         why = why or self.snapshot.changed(request.get("env") or {})
         if why is not None:
@@ -619,18 +710,17 @@ class ForkServer:
                 signal.signal(signum, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.set_wakeup_fd(-1)
-            for target_fd, passed in enumerate(fds):
-                os.dup2(passed, target_fd)
-            # Forget our sockets without closing them twice, then close every descriptor.
+            # Forget our sockets without closing them twice, then take the descriptors we were
+            # given at their numbers and close every other one.
             for conn in self.connections.values():
                 conn.sock.detach()
             self.listener.detach()
-            os.closerange(3, _maxFd())
+            placeDescriptors(fds, request.get("targets") or STDIO)
             os.chdir(request.get("cwd") or "/")
             os.environ.clear()
             os.environ.update(request.get("env") or {})
             sys.orig_argv = list(request["argv"])
-            _setProcessName(os.path.basename(target if kind == "script" else target))
+            _setProcessName(request.get("name") or os.path.basename(target))
             if kind == "script":
                 sys.argv = [target, *args]
                 sys.path.insert(0, os.path.dirname(os.path.realpath(target)))
@@ -638,6 +728,11 @@ class ForkServer:
             else:
                 sys.argv = [target, *args]
                 sys.path.insert(0, os.getcwd())
+                # (A module we preloaded, as the worker's: runpy warns that it runs it again as
+                # __main__, which is what a full start does too.)
+                warnings.filterwarnings(
+                    "ignore", "'.*' found in sys.modules after import of package", RuntimeWarning
+                )
                 runpy.run_module(target, run_name="__main__", alter_sys=True)
             code = 0
         except SystemExit as e:

@@ -51,8 +51,9 @@ MADV_POPULATE_WRITE = 23
 
 _HEADER = struct.Struct("!I")
 
-#: Most descriptors a request passes (the successor's stdin, stdout and stderr).
-_MAX_FDS = 16
+#: Most descriptors one message to the spare carries (Linux's C{SCM_MAX_FD}); a request with
+#: more (a worker with hundreds of listeners) is handed over in several.
+_MAX_FDS = 253
 
 
 def enabled(env: Mapping[str, str] | None = None, name: str = ENV_SPARE) -> bool:
@@ -80,10 +81,16 @@ class Spare:
         Give the spare its work and the descriptors it takes; it waits for L{go}.  False when
         the spare is gone (the caller forks as before).
         """
+        chunks = [fds[i : i + _MAX_FDS] for i in range(0, len(fds), _MAX_FDS)]
         data = json.dumps(message).encode()
+        # Each group of descriptors rides on one byte of the message (pad it if it is short).
+        data += b" " * max(0, len(chunks) - len(data))
+        frame = _HEADER.pack(len(data)) + data
         try:
             self.sock.setblocking(True)
-            socket.send_fds(self.sock, [_HEADER.pack(len(data)) + data], fds)
+            for i, chunk in enumerate(chunks):
+                socket.send_fds(self.sock, [frame[i : i + 1]], chunk)
+            self.sock.sendall(frame[len(chunks) :])
         except OSError:
             return False
         return True
@@ -145,11 +152,13 @@ def waitForWork(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
     fds: list[int] = []
     while len(buffer) < _HEADER.size or len(buffer) < _HEADER.size + _HEADER.unpack_from(buffer)[0]:
         try:
-            data, ancdata, _, _ = sock.recvmsg(1 << 16, socket.CMSG_SPACE(_MAX_FDS * 4))
+            data, ancdata, flags, _ = sock.recvmsg(1 << 16, socket.CMSG_SPACE(_MAX_FDS * 4))
         except InterruptedError:
             continue
         except OSError:
-            data, ancdata = b"", []
+            data, ancdata, flags = b"", [], 0
+        if flags & socket.MSG_CTRUNC:
+            os._exit(1)  # (descriptors were lost: we cannot run the command as asked)
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 got = array.array("i")
@@ -160,7 +169,9 @@ def waitForWork(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
         buffer += data
     (size,) = _HEADER.unpack_from(buffer)
     message = json.loads(buffer[_HEADER.size : _HEADER.size + size])
-    while True:
+    # The go may have come with the message's last bytes.
+    go = buffer[_HEADER.size + size : _HEADER.size + size + 1]
+    while not go:
         try:
             go = sock.recv(1)
         except InterruptedError:

@@ -424,6 +424,7 @@ def makeService(options: Options) -> service.IService:
             settings.drainTimeout,
             server.reactor,
             sessionsChanged=server.workersChanged,
+            forker=server.restarter.launcher,
         )
         server.workers = supervisor
         server.observers.append(supervisor)

@@ -4,8 +4,9 @@ leader with L{graceful_plugin.workerspawn.spawnWorker} (never forked from a runn
 
 It adopts the listening sockets it was given (not accepting), loads the application itself,
 tells its leader it is ready over their private AMP link, and then does what the leader says.
-When the leader is gone (the link closes, or C{PR_SET_PDEATHSIG} delivers SIGTERM) it releases
-its listeners, drains its sessions and exits: a worker never serves on without its leader.
+When the leader is gone (the link closes, or, for a worker its leader started itself rather than
+the fork server, C{PR_SET_PDEATHSIG} delivers SIGTERM) it releases its listeners, drains its
+sessions and exits: a worker never serves on without its leader.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ class WorkerConfig:
     What a worker is started with, passed as one JSON argument.
 
     @ivar index: the worker's place in the group (1 .. N-1; the leader is 0).
-    @ivar leader: the leader's pid (the worker exits at once if its parent is not this).
+    @ivar leader: the leader's pid (a worker the leader started itself exits at once if its
+        parent is not this).
     @ivar link: the descriptor of the worker's end of the socketpair to its leader.
     @ivar listeners: one entry per listening socket: C{fd}, C{kind}, C{name} and C{spec} (the
         listener as a ``--port`` value, or C{None}).
@@ -63,6 +65,8 @@ class WorkerConfig:
     @ivar board: the descriptor of the group's balance table (L{graceful_plugin.balance.Board}),
         or C{None}.
     @ivar boardSize: how many slots that table has (the group's process count).
+    @ivar forked: whether the worker is a fork of the fork server (its parent is that, not
+        the leader: only the link closing tells it the leader has gone).
     """
 
     index: int
@@ -74,6 +78,7 @@ class WorkerConfig:
     drainTimeout: float = 60.0
     board: int | None = None
     boardSize: int = 0
+    forked: bool = False
 
     def toJSON(self) -> str:
         return json.dumps(asdict(self))
@@ -419,7 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     except (IndexError, ValueError) as e:
         print(f"graceful worker: {e}", file=sys.stderr)
         return 2
-    if not dieWithLeader(config.leader):
+    # A fork of the fork server has that for its parent: C{PR_SET_PDEATHSIG} would follow the
+    # fork server, not the leader.  The link closing tells it (already closed: it stops at once).
+    if not config.forked and not dieWithLeader(config.leader):
         print(f"graceful worker {config.index}: the leader has gone already", file=sys.stderr)
         return 1
     from twisted.logger import globalLogBeginner, textFileLogObserver

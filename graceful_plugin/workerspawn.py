@@ -1,11 +1,16 @@
 """
-The leader's side of its worker processes: start each one the Twisted way
-(C{reactor.spawnProcess}, the listening sockets in C{childFDs}, a private socketpair for the AMP
-link), follow it to its end, and wire a L{graceful_plugin.workers.WorkerGroup} of them into a
-generation.
+The leader's side of its worker processes: start each one, follow it to its end, and wire a
+L{graceful_plugin.workers.WorkerGroup} of them into a generation.
 
 A worker is never forked from this process (its reactor runs: the epoll descriptor and the
-thread pool would be shared); it is a new interpreter that loads the application itself.
+thread pool would be shared).  When the generation is connected to the fork server
+(L{graceful_plugin.forkclient}), a worker is a fork of it, given the same descriptors at the
+same numbers (stdio, the AMP link's socketpair, the listening sockets, the balance table) and
+the same environment and argument as a full start: the interpreter, Twisted and graceful are
+imported already, and the worker loads the application itself.  Otherwise (no fork server yet,
+as for a first generation's first workers, or the fork failed: the log says why) it is started
+the Twisted way, C{reactor.spawnProcess} with the descriptors in C{childFDs}.  Either way the
+leader hears of its end with its exit status, and can signal it.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.application import service
@@ -70,7 +75,8 @@ class LeaderLink(amp.AMP):
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         super().connectionLost(reason)
-        self.worker.linkLost(reason)
+        if self.worker.link is self:
+            self.worker.linkLost(reason)
 
     @WorkerReady.responder
     def _ready(self, version: int, pid: int) -> dict[str, Any]:
@@ -107,6 +113,8 @@ class WorkerProcess(ProcessProtocol):
         self.link: LeaderLink | None = None
         #: Passes a connection the worker hands over on to our successor (L{handover.relay}).
         self.relay: Callable[[str, str, int], Deferred[Any]] | None = None
+        #: Whether it was told to die (before its process was there, perhaps).
+        self._killed = False
 
     def readyReceived(self, version: int) -> None:
         if self.ready.called:
@@ -124,12 +132,30 @@ class WorkerProcess(ProcessProtocol):
         self.link = None
 
     def processEnded(self, reason: Failure) -> None:  # type: ignore[override]
+        self.end(describeStatus(reason))
+
+    def end(self, status: str) -> None:
+        """
+        The process has ended (or was never started), as C{status} says.
+        """
+        if self.ended.called:
+            return
         if self.link is not None and self.link.transport is not None:
             self.link.transport.loseConnection()
-        status = describeStatus(reason)
         if not self.ready.called:
             self.ready.errback(WorkerFailed(status))
         self.ended.callback(status)
+
+    def forked(self, process: Any) -> None:
+        """
+        The fork server forked us as C{process} (a L{graceful_plugin.forkclient.ForkedProcess}:
+        it signals the process, and tells its exit status).
+        """
+        self.pid = process.pid
+        self.makeConnection(process)
+        process.whenExited().addCallback(lambda code: self.end(describeExitCode(code)))
+        if self._killed:
+            self.kill()
 
     def command(self, name: str) -> Deferred[None]:
         link = self.link
@@ -138,12 +164,45 @@ class WorkerProcess(ProcessProtocol):
         return link.callRemote(COMMANDS[name]).addCallback(lambda _: None)
 
     def kill(self) -> None:
+        self._killed = True
         if self.transport is None:
-            return
+            return  # (being forked: killed once it is)
         try:
             self.transport.signalProcess("KILL")
         except ProcessExitedAlready:
             pass
+
+
+def describeExitCode(code: int | None) -> str:
+    """
+    An exit status as the fork server reports it (negative: the signal) in the words of
+    L{describeStatus}.
+    """
+    if code is None:
+        return "exit status unknown (the fork server had gone)"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+#: The process name of a worker forked by the fork server (C{ps -o comm}, C{pgrep}).
+FORKED_NAME = "graceful-worker"
+
+#: The environment variable that has workers started in full even with a fork server
+#: (C{off}), to compare.
+ENV_FORK_WORKERS = "GRACEFUL_FORK_WORKERS"
+
+
+def forkWorkers(env: Mapping[str, str] | None = None) -> bool:
+    """
+    Whether workers are forked from the fork server when there is one (unless
+    C{GRACEFUL_FORK_WORKERS=off}).
+    """
+    value = (os.environ if env is None else env).get(ENV_FORK_WORKERS, "")
+    return value.strip().lower() not in ("off", "0", "no", "false")
 
 
 def spawnWorker(
@@ -155,57 +214,175 @@ def spawnWorker(
     generation: int,
     drainTimeout: float,
     board: Board | None = None,
+    forker: Any = None,
 ) -> WorkerProcess:
     """
-    Start worker C{index} (at idle priority; it restores its own before it says it is ready).
+    Start worker C{index} (at idle priority; it restores its own before it says it is ready):
+    a fork of the fork server when C{forker} is connected to one, else a full start.
 
     @param listeners: one entry per listening socket: C{fd} (ours, duplicated into the
         worker), C{kind}, C{name} and C{spec}.
     @param board: the group's balance table, shared with the worker (or C{None}).
+    @param forker: the generation's L{graceful_plugin.forkclient.ForkLauncher}, or C{None}.
     """
-    from graceful_plugin.takeover import idleChildren
-
     worker = WorkerProcess(index, report)
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    try:
-        childFDs: dict[int, Any] = {0: devnull, 1: 1, 2: 2, 3: theirs.fileno()}
+    start = _WorkerStart(reactor, worker, listeners, application, generation, drainTimeout, board)
+    link = getattr(forker, "link", None)
+    if link is None or not link.connected or not forkWorkers():
+        why = getattr(forker, "unavailable", "") or "there is no fork server"
+        if link is not None and link.connected:
+            why = f"{ENV_FORK_WORKERS}=off"
+        if forker is not None:
+            log.info("worker {index}: started in full: {reason}", index=index, reason=why)
+        start.spawn()
+        return worker
+    start.fork(forker)
+    return worker
+
+
+log = Logger()
+
+
+class _WorkerStart:
+    """
+    Starting one worker: its descriptors, its configuration, a fork or a full start.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        worker: WorkerProcess,
+        listeners: list[dict[str, Any]],
+        application: list[str] | None,
+        generation: int,
+        drainTimeout: float,
+        board: Board | None,
+    ) -> None:
+        self.reactor = reactor
+        self.worker = worker
+        self.listeners = listeners
+        self.application = application
+        self.generation = generation
+        self.drainTimeout = drainTimeout
+        self.board = board
+
+    def _prepare(self, forked: bool) -> tuple[dict[int, int], WorkerConfig, socket.socket]:
+        """
+        The worker's descriptors (its number -> ours; its end of a new link is the caller's to
+        close), its configuration, and our end of the link (adopted as the worker's link).
+        """
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        childFDs: dict[int, int] = {1: 1, 2: 2, 3: theirs.detach()}
         entries = []
-        for number, entry in enumerate(listeners, FIRST_LISTENER_FD):
+        for number, entry in enumerate(self.listeners, FIRST_LISTENER_FD):
             childFDs[number] = entry["fd"]
             entries.append({**entry, "fd": number})
         boardFD = None
+        board = self.board
         if board is not None:
-            boardFD = FIRST_LISTENER_FD + len(listeners)
+            boardFD = FIRST_LISTENER_FD + len(self.listeners)
             childFDs[boardFD] = board.fileno()
         config = WorkerConfig(
-            index=index,
+            index=self.worker.index,
             leader=os.getpid(),
             link=3,
             listeners=entries,
-            application=application,
-            generation=generation,
-            drainTimeout=drainTimeout,
+            application=self.application,
+            generation=self.generation,
+            drainTimeout=self.drainTimeout,
             board=boardFD,
             boardSize=board.size if board is not None else 0,
+            forked=forked,
         )
-        with idleChildren():
-            transport = reactor.spawnProcess(
-                worker,
-                sys.executable,
-                [sys.executable, "-m", "graceful_plugin.worker", config.toJSON()],
-                env=dict(os.environ),
-                path=os.getcwd(),
-                childFDs=childFDs,
-            )
-        worker.pid = transport.pid
+        return childFDs, config, ours
+
+    def _adopt(self, ours: socket.socket) -> None:
+        worker = self.worker
         worker.link = LeaderLink(worker)
-        reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, OneProtocol(worker.link))
-    finally:
-        os.close(devnull)
-        ours.close()
-        theirs.close()
-    return worker
+        try:
+            self.reactor.adoptStreamConnection(
+                ours.fileno(), socket.AF_UNIX, OneProtocol(worker.link)
+            )
+        finally:
+            ours.close()
+
+    def spawn(self) -> None:
+        """
+        A full start (C{reactor.spawnProcess}).
+        """
+        from graceful_plugin.takeover import idleChildren
+
+        childFDs, config, ours = self._prepare(forked=False)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        try:
+            with idleChildren():
+                transport = self.reactor.spawnProcess(
+                    self.worker,
+                    sys.executable,
+                    [sys.executable, "-m", "graceful_plugin.worker", config.toJSON()],
+                    env=dict(os.environ),
+                    path=os.getcwd(),
+                    childFDs={**childFDs, 0: devnull},
+                )
+            self.worker.pid = transport.pid
+            self._adopt(ours)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            os.close(devnull)
+            os.close(childFDs[3])
+
+    def fork(self, forker: Any) -> None:
+        """
+        A fork of the fork server; a full start if it does not fork (the log says why).
+        """
+        childFDs, config, ours = self._prepare(forked=True)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        try:
+            self._adopt(ours)
+            # (The fork server runs at idle priority: so does what it forks, until it is ready.)
+            d = forker.forkProcess(
+                [sys.executable, "-m", "graceful_plugin.worker", config.toJSON()],
+                os.getcwd(),
+                dict(os.environ),
+                {**childFDs, 0: devnull},
+                name=FORKED_NAME,
+            )
+        finally:
+            # (The fork server's link holds copies until they have been sent.)
+            os.close(devnull)
+            os.close(childFDs[3])
+        worker = self.worker
+
+        def forked(process: Any) -> None:
+            log.info(
+                "worker {index} (pid {pid}) forked by the fork server pid {server}",
+                index=worker.index,
+                pid=process.pid,
+                server=forker.serverPid,
+            )
+            worker.forked(process)
+
+        def failed(failure: Failure) -> None:
+            # Its link goes (a worker forked after all, late, finds it closed and exits).
+            link, worker.link = worker.link, None
+            if link is not None and link.transport is not None:
+                link.transport.loseConnection()
+            if worker._killed:
+                worker.end("stopped before it was started")
+                return
+            log.warn(
+                "worker {index}: started in full: the fork server did not fork it: {reason}",
+                index=worker.index,
+                reason=failure.getErrorMessage(),
+            )
+            try:
+                self.spawn()
+            except OSError as e:
+                worker.end(f"could not be started: {e}")
+
+        d.addCallbacks(forked, failed)
 
 
 def listenerEntries(ports: list[Any]) -> list[dict[str, Any]]:
@@ -253,6 +430,7 @@ class WorkerSupervisor(Observer, service.Service):
         reactor: Any = None,
         spawn: Callable[..., Any] = spawnWorker,
         sessionsChanged: Callable[[], None] | None = None,
+        forker: Any = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
@@ -264,6 +442,9 @@ class WorkerSupervisor(Observer, service.Service):
         self.reactor = reactor
         self._spawn = spawn
         self._onSessions = sessionsChanged
+        #: The generation's fork server client (L{graceful_plugin.forkclient.ForkLauncher}):
+        #: workers are forks of the fork server when it is connected.
+        self.forker = forker
         self.group: WorkerGroup | None = None
         #: This process's side of the group's balance (L{graceful_plugin.balance}), if any.
         self.balancer: Balancer | None = None
@@ -302,6 +483,8 @@ class WorkerSupervisor(Observer, service.Service):
                 self.balancer.stop()
             self.balancer = Balancer(board, 0, balancedPorts(ports), self.reactor)
 
+        extra = {"forker": self.forker} if self.forker is not None else {}
+
         def spawn(index: int, report: Callable[[int], None]) -> Any:
             worker = self._spawn(
                 self.reactor,
@@ -312,6 +495,7 @@ class WorkerSupervisor(Observer, service.Service):
                 generation,
                 self.drainTimeout,
                 board,
+                **extra,
             )
             worker.relay = self.relayConnection
             ended = getattr(worker, "ended", None)
@@ -489,6 +673,14 @@ class WorkerSupervisor(Observer, service.Service):
         boards, self._boards = self._boards, []
         for board in boards:
             board.close()
+
+    def startService(self) -> None:
+        super().startService()
+        if self.forker is not None and self.count != 1:
+            # A successor's fork server is there already (its predecessor's): connected by the
+            # time the workers start, they are forks of it.  (A first generation finds none:
+            # its first workers are started in full.)
+            self.forker.attach()
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()

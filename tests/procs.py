@@ -244,7 +244,24 @@ def isForkServer(pid: int) -> bool:
             comm = f.read().strip()
     except OSError:
         return False
-    return b"graceful_plugin.forkserver" in argv and comm != "twistd"
+    return b"graceful_plugin.forkserver" in argv and comm not in ("twistd", "graceful-worker")
+
+
+def forkedWorkers(text: str) -> list[int]:
+    """
+    The live workers forked by the fork server that a leader's log C{text} names.
+    """
+    found = []
+    for match in re.finditer(r"worker \d+ \(pid (\d+)\) forked by the fork server pid (\d+)", text):
+        pid, server = int(match[1]), int(match[2])
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[1]) == server and pid not in found:
+            found.append(pid)
+    return found
 
 
 def parentOf(pid: int) -> int:

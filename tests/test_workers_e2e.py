@@ -23,6 +23,7 @@ from tests.procs import (
     Server,
     childProcesses,
     ctl,
+    forkedWorkers,
     freePort,
     httpGet,
     waitForStatus,
@@ -66,7 +67,14 @@ def _workerChildren(leader: int) -> list[tuple[int, str]]:
 
 
 def _workerPids(procs: Processes, leader: int) -> list[int]:
+    """
+    The leader's live workers: its children, and those the fork server forked for it (named in
+    its log: its own, or, for a successor that graceful-ctl restart started, every log).
+    """
     pids = [pid for pid, state in _workerChildren(leader) if state != "Z"]
+    logs = [s for s in procs.servers if isinstance(s, Server) and s.process is not None]
+    own = [s for s in logs if s.pid == leader]
+    pids += forkedWorkers("".join(s.text() for s in own or logs))
     for pid in pids:
         track(procs, pid)
     return pids
