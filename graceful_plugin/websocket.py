@@ -22,6 +22,13 @@ from graceful_plugin.sessions import IDrainable
 GOING_AWAY = 1001
 REASON = b"server restarting"
 
+#: Seconds a client has, at least, to answer our Close before autobahn drops the connection.
+#: autobahn arms that timeout (C{closeHandshakeTimeout}, 1 s by default) on a batched timer that
+#: truncates the deadline to the whole second, so 1 s means anything between 0 and 1 s: a client
+#: that answered within milliseconds was sometimes reset.  Raised for our Close only, never
+#: lowered, and left off where the application turned it off (0).
+CLOSE_WAIT = 5.0
+
 _registered = False
 
 
@@ -32,12 +39,16 @@ def sendGoingAway(protocol: Any) -> bool:
     autobahn's public C{sendClose} accepts only 1000 and 3000-4999 (the codes an application
     may send); 1001 is the server's own, so this goes one level down, to C{sendCloseFrame}, the
     method C{sendClose} itself ends in (wrapped here and nowhere else).  autobahn then waits for
-    the client's Close (up to its C{closeHandshakeTimeout}) and drops the TCP connection.
+    the client's Close (up to its C{closeHandshakeTimeout}, raised to L{CLOSE_WAIT}) and drops
+    the TCP connection.
 
     @return: whether a Close frame was sent (only an open connection gets one).
     """
     if protocol.state != protocol.STATE_OPEN:
         return False
+    timeout = getattr(protocol, "closeHandshakeTimeout", 0) or 0
+    if 0 < timeout < CLOSE_WAIT:
+        protocol.closeHandshakeTimeout = CLOSE_WAIT
     protocol.sendCloseFrame(code=GOING_AWAY, reasonUtf8=REASON, isReply=False)
     return True
 

@@ -225,15 +225,21 @@ def test_webSocketIsClosedWithGoingAwayOnDrain(procs: Processes, workdir: Path) 
     old.send("before")
     assert old.recv() == "v1: before"
     second = procs.server(["--takeover", "c.sock", "--resource", "tests.apps.ws_v2.root"], "gen2")
-    second.start(ENV).waitFor(r"took over from pid %d" % first.pid)
     started = time.monotonic()
+    second.start(ENV)
+    # Read at once, as a client does: autobahn aborts a closing handshake its peer has not
+    # finished within a second (waiting for the successor's log line first, which may reach
+    # the file late, made this test see that abort as a reset now and then).
     opcode, frame = old.recv_data_frame(control_frame=True)
     closedAfter = time.monotonic() - started
     assert opcode == websocket.ABNF.OPCODE_CLOSE
     assert int.from_bytes(frame.data[:2], "big") == 1001
     old.send_close(1001)
     old.close()
-    assert closedAfter < 1.0
+    second.waitFor(r"took over from pid %d" % first.pid)
+    # The successor's whole start-up and the handoff, then the drain's first act: far from
+    # the 60 s drain deadline.
+    assert closedAfter < 15.0
     assert first.wait(20) == 0
     assert "drain deadline passed" not in first.text()
     new = websocket.create_connection(url, timeout=20)

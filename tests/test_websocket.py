@@ -93,3 +93,53 @@ def _websocketModule() -> object:
     import autobahn.twisted.websocket
 
     return autobahn.twisted.websocket
+
+
+def test_aClientHasSecondsToAnswerTheClose() -> None:
+    """
+    autobahn's closing-handshake timeout (1 s by default) is armed on a timer that truncates the
+    deadline to the whole second: sent just before a second ends, our Close would be followed
+    by an abort within milliseconds, resetting a client that answers at once.  Our Close gives
+    the client at least CLOSE_WAIT - 1 seconds; a client that never answers is still dropped.
+    """
+    from twisted.internet.task import Clock
+    from txaio._common import _BatchedTimer
+
+    from graceful_plugin.websocket import CLOSE_WAIT
+
+    registerDrainAdapters()
+    protocol, transport = _openWebSocket()
+    # (autobahn drops the connection through unregisterProducer, which StringTransport refuses
+    # when nothing was registered.)
+    transport.unregisterProducer = lambda: None  # type: ignore[method-assign]
+    assert protocol.closeHandshakeTimeout == 1  # autobahn's default
+    clock = Clock()
+    clock.advance(100.95)  # just before a whole second
+    protocol.factory._batched_timer = _BatchedTimer(
+        200.0, 1000, seconds_provider=clock.seconds, delayed_call_creator=clock.callLater
+    )
+    drainable = drainableOf(protocol)
+    assert drainable is not None
+    drainable.drain()
+    assert protocol.closeHandshakeTimeout == CLOSE_WAIT
+    clock.advance(CLOSE_WAIT - 1.05)
+    assert protocol.state == protocol.STATE_CLOSING and not transport.disconnecting
+    clock.advance(1.3)
+    assert transport.disconnecting  # dropped: it never answered
+
+
+def test_aClosingHandshakeTurnedOffStaysOff() -> None:
+    """
+    An application that turned autobahn's closing-handshake timeout off (0) keeps it off, and
+    one that set a longer one keeps it.
+    """
+    registerDrainAdapters()
+    for configured in (0, 30):
+        protocol, transport = _openWebSocket()
+        protocol.closeHandshakeTimeout = configured
+        drainable = drainableOf(protocol)
+        assert drainable is not None
+        drainable.drain()
+        assert protocol.closeHandshakeTimeout == configured
+        if protocol.closeHandshakeTimeoutCall is not None:
+            protocol.closeHandshakeTimeoutCall.cancel()
