@@ -202,20 +202,6 @@ class Server:
         """Start one takeover; return its event (``start``: monotonic time it began)."""
         raise NotImplementedError
 
-    def forked(self) -> list[int]:
-        """The fork server's children now (its spare, between takeovers)."""
-        log = self.tmp / f"{self.name}-1.log"
-        if not self.fork or not log.exists():
-            return []
-        match = re.search(rb"fork server pid (\d+) at @", log.read_bytes())
-        if match is None:
-            return []
-        pid = int(match[1])
-        try:
-            return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-        except (OSError, ValueError):
-            return []
-
     def settle(self, event: dict, until: float) -> None:
         """Wait (until ``until`` at most) for the takeover to have completed, and note when."""
 
@@ -248,10 +234,23 @@ class Graceful(Server):
         if self.args.workers != 1:
             log = self.tmp / f"{self.name}-1.log"
             wait_for(lambda: b"workers accepting" in log.read_bytes(), 30, "for the workers")
+        self.forkServer = 0
         if self.fork:
             # The fork server is up once the generation logged that it uses it.
             log = self.tmp / f"{self.name}-1.log"
             wait_for(lambda: b"fork server pid" in log.read_bytes(), 30, "for the fork server")
+            match = re.search(rb"fork server pid (\d+) at @", log.read_bytes())
+            self.forkServer = int(match[1]) if match else 0
+
+    def forked(self) -> list[int]:
+        """The fork server's children now (its spare, between takeovers)."""
+        pid = self.forkServer
+        if not pid:
+            return []
+        try:
+            return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        except (OSError, ValueError):
+            return []
 
     def takeover(self) -> dict:
         old = read_pid(self.pidfile) or self.old
@@ -271,20 +270,6 @@ class Graceful(Server):
         else:
             self.spawn(self.command("--takeover", str(self.control)))
         return event
-
-    def forked(self) -> list[int]:
-        """The fork server's children now (its spare, between takeovers)."""
-        log = self.tmp / f"{self.name}-1.log"
-        if not self.fork or not log.exists():
-            return []
-        match = re.search(rb"fork server pid (\d+) at @", log.read_bytes())
-        if match is None:
-            return []
-        pid = int(match[1])
-        try:
-            return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-        except (OSError, ValueError):
-            return []
 
     def settle(self, event: dict, until: float) -> None:
         old = event["old_pid"]
@@ -388,20 +373,6 @@ backend files
         self.current = self.spawn(argv)
         return event
 
-    def forked(self) -> list[int]:
-        """The fork server's children now (its spare, between takeovers)."""
-        log = self.tmp / f"{self.name}-1.log"
-        if not self.fork or not log.exists():
-            return []
-        match = re.search(rb"fork server pid (\d+) at @", log.read_bytes())
-        if match is None:
-            return []
-        pid = int(match[1])
-        try:
-            return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-        except (OSError, ValueError):
-            return []
-
     def settle(self, event: dict, until: float) -> None:
         while time.monotonic() < until:
             if not alive(event["old_pid"]):
@@ -431,20 +402,6 @@ class Gunicorn(Server):
         event = {"start": time.monotonic(), "old_pid": master}
         os.kill(master, signal.SIGHUP if self.name == "gunicorn-hup" else signal.SIGUSR2)
         return event
-
-    def forked(self) -> list[int]:
-        """The fork server's children now (its spare, between takeovers)."""
-        log = self.tmp / f"{self.name}-1.log"
-        if not self.fork or not log.exists():
-            return []
-        match = re.search(rb"fork server pid (\d+) at @", log.read_bytes())
-        if match is None:
-            return []
-        pid = int(match[1])
-        try:
-            return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-        except (OSError, ValueError):
-            return []
 
     def settle(self, event: dict, until: float) -> None:
         if self.name == "gunicorn-hup":

@@ -535,13 +535,7 @@ class ForkLauncher:
         d.addTimeout(self.forkTimeout, self.reactor)
 
         def forked(answer: dict[str, Any]) -> ForkedProcess:
-            if answer.get("refreshed"):
-                self.log.info(
-                    "fork server pid {pid} replaced itself with a fresh one before forking:"
-                    " {reason}",
-                    pid=self.serverPid,
-                    reason=answer["refreshed"],
-                )
+            self._noteRefreshed(answer)
             process: ForkedProcess = answer["process"]
             return process
 
@@ -577,13 +571,7 @@ class ForkLauncher:
         d.addTimeout(self.forkTimeout, self.reactor)
 
         def forked(answer: dict[str, Any]) -> Any:
-            if answer.get("refreshed"):
-                self.log.info(
-                    "fork server pid {pid} replaced itself with a fresh one before forking:"
-                    " {reason}",
-                    pid=self.serverPid,
-                    reason=answer["refreshed"],
-                )
+            self._noteRefreshed(answer)
             ahead = answer.get("ahead")
             self.log.info(
                 "fork server pid {server} forked the successor pid {pid}{how}",
@@ -603,6 +591,14 @@ class ForkLauncher:
             return self._full(command, cwd, fallback, f"the fork server did not fork: {reason}")
 
         return d.addCallbacks(forked, failed)
+
+    def _noteRefreshed(self, answer: dict[str, Any]) -> None:
+        if answer.get("refreshed"):
+            self.log.info(
+                "fork server pid {pid} replaced itself with a fresh one before forking: {reason}",
+                pid=self.serverPid,
+                reason=answer["refreshed"],
+            )
 
     def _full(
         self,

@@ -128,16 +128,16 @@ def fork(run: Callable[[socket.socket], None]) -> Spare:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pid = os.fork()
     if pid == 0:
-        code = 1
         try:
-            ours.detach()
+            # Our copy of the fork server's end goes, or its closing would never reach us.
+            ours.close()
             run(theirs)
         except BaseException:
             import traceback
 
             traceback.print_exc()
         finally:
-            os._exit(code)
+            os._exit(1)
     theirs.close()
     return Spare(pid, ours, time.monotonic())
 
