@@ -11,7 +11,6 @@ arguments, so that tests run it without touching their own process.
 
 from __future__ import annotations
 
-import gc
 import os
 import signal
 import sys
@@ -20,7 +19,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from graceful_plugin import pidfile, priority
+from graceful_plugin import heap, pidfile, priority
 
 
 class ProcessEffects:
@@ -162,8 +161,7 @@ class ProcessEffects:
 
 
 def _settleHeap() -> None:
-    gc.collect()
-    gc.freeze()
+    heap.settle()
 
 
 def lowerPriority() -> None:

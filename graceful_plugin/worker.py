@@ -12,7 +12,6 @@ sessions and exits: a worker never serves on without its leader.
 from __future__ import annotations
 
 import ctypes
-import gc
 import json
 import os
 import signal
@@ -26,6 +25,7 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from graceful_plugin import heap
 from graceful_plugin.handover import HandoverSender
 from graceful_plugin.workercontrol import (
     WORKER_PROTOCOL_VERSION,
@@ -399,10 +399,10 @@ def run(config: WorkerConfig, reactor: Any = None) -> int:
         from graceful_plugin.takeover import restorePriority
 
         restorePriority()
-        # As the leader and every successor do before they serve: collect start-up's garbage
-        # and keep what is left (modules, the application) out of every later collection.
-        gc.collect()
-        gc.freeze()
+        # As the leader and every successor do before they serve: collect start-up's garbage,
+        # keep what is left (modules, the application) out of every later collection, and pad
+        # malloc's heap.
+        heap.settle()
         link = worker.link
         if link is None:
             worker.stop()

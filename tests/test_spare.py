@@ -314,3 +314,23 @@ def test_prefaultStopsWhenWorkComes() -> None:
     finally:
         ours.close()
         theirs.close()
+
+
+def test_prefaultIsPacedAndStopsBetweenChunks() -> None:
+    """
+    The copy goes a chunk at a time: before each chunk but the first, the spare waits C{pause}
+    seconds for work (a copy done at once takes the memory bus from the processes that serve),
+    and it stops between two chunks when work has come.
+    """
+    waits: list[float] = []
+
+    def stop(timeout: float) -> bool:
+        waits.append(timeout)
+        return len(waits) == 4
+
+    page = resource.getpagesize()
+    populated = spare.prefault(stop=stop, chunk=page, pause=0.25)
+    if populated == 0:
+        pytest.skip("this kernel has no MADV_POPULATE_WRITE (Linux 5.14)")
+    assert waits == [0.0, 0.25, 0.25, 0.25]
+    assert populated == 3 * page
