@@ -9,7 +9,7 @@ A serving process's heap: what it does once, before it serves.
    kernel, and the next burst takes it again one zeroed page (one page fault) at a time: a
    fresh process serving 64 KiB responses and 8 MiB downloads took about 19,000 page faults in
    its first half second of serving and went on at 1-3 faults a request (C{benchmarks/bump.py
-   --timeline}), against about 130 and none with the pad.  The cost is that much memory kept
+   --timeline}), against about 550 and none with the pad.  The cost is that much memory kept
    resident once the heap has grown to it (at most C{TOP_PAD} per process); C{GRACEFUL_MALLOC=off}
    keeps glibc's defaults, and an operator's own C{MALLOC_TOP_PAD_} is left alone.
 """
