@@ -414,6 +414,8 @@ class Counters(amp.Command):
             b"handoffs",
             amp.AmpList([(b"outcome", amp.Unicode()), (b"total", amp.Integer())], optional=True),
         ),
+        # Idle connections handed over to the generations so far (an addition: optional).
+        (b"handedOver", amp.Integer(optional=True)),
         (
             b"histograms",
             amp.AmpList(

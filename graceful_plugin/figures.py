@@ -100,6 +100,8 @@ class Figures:
     @ivar inherited: connections accepted before us, by listener name.
     @ivar handoffs: handoffs by outcome (inherited ones included).
     @ivar histograms: C{handoff}, C{phase:NAME} and C{drain}.
+    @ivar handedOver: idle connections a draining predecessor handed over to us, and to the
+        generations before us (each generation counts those it took).
     @ivar inheritedFrom: the generation whose figures we continue, if any.
     """
 
@@ -109,6 +111,7 @@ class Figures:
         self.inherited: dict[str, int] = {}
         self.handoffs: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
         self.histograms = _histograms()
+        self.handedOver = 0
         self.inheritedFrom: int | None = None
 
     def count(self, outcome: str) -> None:
@@ -116,6 +119,12 @@ class Figures:
 
     def observe(self, name: str, seconds: float) -> None:
         self.histograms[name].observe(seconds)
+
+    def tookHandedOver(self) -> None:
+        """
+        We serve one more connection our draining predecessor handed over.
+        """
+        self.handedOver += 1
 
     def observeTakeover(self, total: float, phases: dict[str, float]) -> None:
         """
@@ -152,6 +161,7 @@ class Figures:
         }
         if start == 0:
             answer["handoffs"] = [{"outcome": o, "total": n} for o, n in self.handoffs.items()]
+            answer["handedOver"] = self.handedOver
             answer["histograms"] = [
                 {"name": name, "bounds": list(h.bounds), "counts": h.counts, "sum": h.total}
                 for name, h in self.histograms.items()
@@ -171,6 +181,10 @@ class Figures:
             for item in answer.get("handoffs") or []:
                 if item["outcome"] in self.handoffs and item["total"] >= 0:
                     self.handoffs[item["outcome"]] += item["total"]
+            # (None from a predecessor that does not count them: AMP fills in what was not said.)
+            handedOver = answer.get("handedOver")
+            if isinstance(handedOver, int) and handedOver >= 0:
+                self.handedOver += handedOver
             for item in answer.get("histograms") or []:
                 histogram = self.histograms.get(item["name"])
                 if histogram is None or not histogram.add(

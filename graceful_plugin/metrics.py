@@ -120,6 +120,12 @@ class GenerationCollector:
         for name, total in sorted(figures.connections(ports).items()):
             connections.add_metric([name], total)
         yield connections
+        yield CounterMetricFamily(
+            "graceful_connections_handed_over",
+            "Idle keep-alive connections a draining generation handed over to its successor,"
+            " over every generation.",
+            value=figures.handedOver,
+        )
         sessions = GaugeMetricFamily(
             "graceful_sessions",
             "Open connections, by generation, listener and the generation's state, draining"

@@ -255,6 +255,7 @@ class ControlResponder:
             os.close(fd)
             raise NoHandoff("only a draining predecessor hands connections over, to a server")
         adoptHandedOver(gen.ports, listener, address, fd)
+        gen.figures.tookHandedOver()
 
     def reportSessions(self, protocol: ControlProtocol, generations: list[dict[str, Any]]) -> None:
         gen = self.generation

@@ -86,6 +86,29 @@ def test_handedOverFiguresContinue() -> None:
     assert new.histograms["drain"].bounds == DRAIN_BUCKETS
 
 
+def test_handedOverConnectionsAreCountedOverEveryGeneration() -> None:
+    """
+    The connections handed over to the generations so far go to the successor with the first
+    batch of figures, and it adds those it takes itself; a predecessor that does not count
+    them (its answer has C{None}, as AMP fills in an optional field not sent) adds nothing.
+    """
+    old = Figures()
+    for _ in range(3):
+        old.tookHandedOver()
+    new = Figures()
+    new.inherit([old.batch([], 0)], generation=2)
+    assert new.handedOver == 3
+    new.tookHandedOver()
+    assert new.handedOver == 4
+    third = Figures()
+    third.inherit([new.batch([], 0)], generation=3)
+    assert third.handedOver == 4
+    older = {**old.batch([], 0), "handedOver": None}
+    fresh = Figures()
+    fresh.inherit([older], generation=2)
+    assert fresh.handedOver == 0
+
+
 def test_takeoverCountedWithItsPhases() -> None:
     """
     A confirmed takeover counts one committed handoff and one observation of its total and of
@@ -111,6 +134,8 @@ class CountersTests(ControlTestCase):
         """
         for _ in range(3):
             self.web.sessions.opened(object())
+        for _ in range(2):
+            self.server.figures.tookHandedOver()
         successor, _, pump = self.connect()
         self.hello(pump, successor)
         other, _, pump2 = self.connect()
@@ -130,6 +155,7 @@ class CountersTests(ControlTestCase):
             {h["outcome"]: h["total"] for h in answer["handoffs"]},
             {"committed": 0, "rolled_back": 0, "refused": 1},
         )
+        self.assertEqual(answer["handedOver"], 2)
         self.assertEqual(answer["next"], -1)
 
     def test_countersOnlyForTheSuccessor(self) -> None:

@@ -6,6 +6,7 @@ parser, across takeovers, a rollback and generations draining behind one another
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,6 +26,7 @@ from tests.procs import (
     httpGet,
     waitForStatus,
 )
+from tests.test_handover_e2e import KeepAlive
 
 prometheus_client = pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
@@ -460,3 +463,43 @@ def test_successorWithPortsButNoMetricsKeepsThem(procs: Processes, workdir: Path
     samples = scrape(metrics)
     assert value(samples, "graceful_generation") == 2
     assert value(samples, "graceful_connections_total", listener="web") == 1
+
+
+def _handedOver(server: Any) -> int:
+    found = re.search(r"handed (\d+) idle connection\(s\) over", server.text())
+    assert found is not None, server.text()[-3000:]
+    return int(found.group(1))
+
+
+def test_handedOverConnectionsCountedAcrossTakeovers(procs: Processes, workdir: Path) -> None:
+    """
+    graceful_connections_handed_over_total counts the idle keep-alive connections each
+    draining generation handed over (as its log says), and goes on counting across takeovers:
+    after two of them it is the sum of both, served by the third generation.
+    """
+    port, metrics = freePort(), freePort()
+    gen1 = procs.server(_args(port, metrics), "gen1").start()
+    gen1.waitServing()
+    clients = [KeepAlive(socket.AF_INET, ("127.0.0.1", port)) for _ in range(4)]
+    try:
+        for client in clients:
+            assert client.request() == gen1.pid
+        assert value(scrape(metrics), "graceful_connections_handed_over_total") == 0
+        gen2 = procs.server(["--takeover", "c.sock"], "gen2").start()
+        gen2.waitFor(r"took over from pid %d" % gen1.pid)
+        assert gen1.wait(30) == 0
+        first = _handedOver(gen1)
+        assert first >= 1
+        assert value(scrape(metrics), "graceful_connections_handed_over_total") == first
+        for client in clients:
+            assert client.request() == gen2.pid
+        gen3 = procs.server(["--takeover", "c.sock"], "gen3").start()
+        gen3.waitFor(r"took over from pid %d" % gen2.pid)
+        assert gen2.wait(30) == 0
+        second = _handedOver(gen2)
+        samples = scrape(metrics)
+        assert value(samples, "graceful_generation") == 3
+        assert value(samples, "graceful_connections_handed_over_total") == first + second
+    finally:
+        for client in clients:
+            client.close()
