@@ -46,6 +46,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -632,13 +633,14 @@ def table(runs: list[dict]) -> str:
     head += ["p99 near", "ratio", "rate near", "min 100ms", "takeover s", "start CPU ms"]
     head += ["failed takeovers"]
     rows = [head]
+    rounds = any(run.get("round", 1) > 1 for run in runs)
     for run in runs:
         spans = [e.get("old_exited_s") or e.get("serving_s") for e in run["takeovers"]]
         spans = sorted(s for s in spans if s is not None)
         cpus = sorted(e["successor_cpu_ms"] for e in run["takeovers"] if e.get("successor_cpu_ms"))
         rows.append(
             [
-                run["scenario"],
+                run["scenario"] + (f" #{run.get('round', 1)}" if rounds else ""),
                 run["requests"]["total"],
                 run["requests"]["failed"],
                 run["downloads"]["total"],
@@ -676,6 +678,25 @@ def table(runs: list[dict]) -> str:
                     f"  {run['scenario']} takeover at {event['start']:.2f} s failed:"
                     f" {event['failed']}"
                 )
+    return "\n".join(lines)
+
+
+def summary(runs: list[dict]) -> str:
+    """Each scenario over its rounds: the median ratio and rate near, with their range (a
+    single round's ratio moves by about 0.1 on a 2-core machine)."""
+    lines = ["over the rounds: each scenario's ratio and rate near, median (min-max)"]
+    names = list(dict.fromkeys(run["scenario"] for run in runs))
+    for name in names:
+        mine = [run for run in runs if run["scenario"] == name]
+        cells = []
+        for key in ("ratio", "rate_near"):
+            values = sorted(run[key] for run in mine if run.get(key) is not None)
+            if not values:
+                cells.append("-")
+                continue
+            median = statistics.median(values)
+            cells.append(f"{median:.2f} ({values[0]:.2f}-{values[-1]:.2f})")
+        lines.append(f"  {name}: {len(mine)} rounds, ratio {cells[0]}, rate near {cells[1]}")
     return "\n".join(lines)
 
 
@@ -724,6 +745,12 @@ def parse_args(argv):
     add("--clients", type=int, default=32, help="closed-loop client processes")
     add("--downloaders", type=int, default=4, help="slow 8 MiB downloads in flight")
     add("--download-rate", type=float, default=4 * 1024 * 1024, help="bytes/s per downloader")
+    add(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every scenario this many times, interleaved, and print each one's median ratio",
+    )
     add("--near", type=float, default=1.0, help="seconds after a takeover's start that are near")
     add("--away-after", type=float, default=2.0, help="seconds after a start that are not away")
     add("--keep-logs", type=Path, help="copy every server's log into this directory")
@@ -750,6 +777,8 @@ def parse_args(argv):
     )
     add("--plot", type=Path, help="a PNG (needs matplotlib: the bench extra)")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.takeovers < 1 or args.duration / (args.takeovers + 1) < 1.0:
         parser.error("leave at least 1 s between takeovers (--duration / (--takeovers + 1))")
     if args.plot is not None:
@@ -797,32 +826,41 @@ def main(argv=None) -> int:
     runs: list[dict] = []
     broken: list[str] = []
     try:
-        for name in args.scenario or SCENARIOS:
-            why = available(name)
-            if why is not None:
-                print(f"{name}: skipped: {why}", file=sys.stderr)
-                continue
-            print(
-                f"{name}: {args.clients} clients, {args.downloaders} downloads,"
-                f" {args.takeovers} takeovers in {args.duration:g} s",
-                file=sys.stderr,
-                flush=True,
-            )
-            try:
-                run = run_scenario(name, args)
-            except (loadtest.ServerDied, RuntimeError, OSError, AssertionError) as exc:
-                # One broken scenario does not lose the others' numbers.
-                print(f"{name}: error: {exc}", file=sys.stderr)
-                broken.append(name)
-                continue
-            run["near_s"] = args.near
-            runs.append(run)
+        # Rounds interleave the scenarios (each round runs every one), so that what else the
+        # machine does at one moment does not land on one scenario's figures only.
+        for number in range(1, args.rounds + 1):
+            for name in args.scenario or SCENARIOS:
+                why = available(name)
+                if why is not None:
+                    if number == 1:
+                        print(f"{name}: skipped: {why}", file=sys.stderr)
+                    continue
+                print(
+                    f"{name}: {args.clients} clients, {args.downloaders} downloads,"
+                    f" {args.takeovers} takeovers in {args.duration:g} s"
+                    + (f" (round {number} of {args.rounds})" if args.rounds > 1 else ""),
+                    file=sys.stderr,
+                    flush=True,
+                )
+                try:
+                    run = run_scenario(name, args)
+                except (loadtest.ServerDied, RuntimeError, OSError, AssertionError) as exc:
+                    # One broken scenario does not lose the others' numbers.
+                    print(f"{name}: error: {exc}", file=sys.stderr)
+                    broken.append(name)
+                    continue
+                run["near_s"] = args.near
+                run["round"] = number
+                runs.append(run)
     except KeyboardInterrupt:
         print("interrupted: every process stopped", file=sys.stderr)
         return 130
     finally:
         stop_descendants()
     print(table(runs))
+    if args.rounds > 1:
+        print()
+        print(summary(runs))
     for run in runs:
         if "timeline" in run:
             print()

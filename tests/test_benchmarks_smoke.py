@@ -276,3 +276,22 @@ def test_bump_idle_takeovers_count_each_process_cpu(tmp_path):
     assert name == "graceful-hup"
     assert takeover["old"] > 0 and takeover["new"] > 0 and takeover["forkserver"] > 0
     assert takeover["total"] >= takeover["old"] + takeover["new"]
+
+
+def test_bump_summary_takes_each_scenarios_median_over_its_rounds():
+    """bump.py --rounds N prints, for each scenario, the median ratio and rate near over its
+    rounds with their range (a round without a rate near is left out of that one)."""
+    spec = importlib.util.spec_from_file_location("bump", BENCHMARKS / "bump.py")
+    bump = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bump)
+    runs = [
+        {"scenario": "graceful-hup", "ratio": 1.3, "rate_near": 0.9},
+        {"scenario": "nginx", "ratio": 1.0, "rate_near": 0.99},
+        {"scenario": "graceful-hup", "ratio": 1.1, "rate_near": 0.95},
+        {"scenario": "graceful-hup", "ratio": 1.2, "rate_near": None},
+    ]
+    lines = bump.summary(runs).splitlines()[1:]
+    assert lines == [
+        "  graceful-hup: 3 rounds, ratio 1.20 (1.10-1.30), rate near 0.93 (0.90-0.95)",
+        "  nginx: 1 rounds, ratio 1.00 (1.00-1.00), rate near 0.99 (0.99-0.99)",
+    ]
