@@ -381,6 +381,8 @@ class Status(amp.Command):
             b"handoffs",
             amp.AmpList([(b"outcome", amp.Unicode()), (b"total", amp.Integer())], optional=True),
         ),
+        # Idle connections handed over to the generations so far (graceful_plugin.figures).
+        (b"handedOver", amp.Integer(optional=True)),
         (
             b"timings",
             amp.AmpList(

@@ -141,6 +141,7 @@ Status = Command(
         (b"next", Integer(optional=True)),
         (b"drainingGenerations", Integer(optional=True)),
         (b"handoffs", AmpList(((b"outcome", Unicode()), (b"total", Integer())), optional=True)),
+        (b"handedOver", Integer(optional=True)),
         (
             b"timings",
             AmpList(

@@ -202,6 +202,7 @@ class Figures:
         """
         return {
             "handoffs": [{"outcome": o, "total": n} for o, n in self.handoffs.items()],
+            "handedOver": self.handedOver,
             "timings": [
                 {"name": name, "count": h.count, "sum": h.total}
                 for name, h in self.histograms.items()

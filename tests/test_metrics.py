@@ -475,7 +475,8 @@ def test_handedOverConnectionsCountedAcrossTakeovers(procs: Processes, workdir: 
     """
     graceful_connections_handed_over_total counts the idle keep-alive connections each
     draining generation handed over (as its log says), and goes on counting across takeovers:
-    after two of them it is the sum of both, served by the third generation.
+    after two of them it is the sum of both, served by the third generation, which
+    graceful-ctl status --json says too.
     """
     port, metrics = freePort(), freePort()
     gen1 = procs.server(_args(port, metrics), "gen1").start()
@@ -500,6 +501,8 @@ def test_handedOverConnectionsCountedAcrossTakeovers(procs: Processes, workdir: 
         samples = scrape(metrics)
         assert value(samples, "graceful_generation") == 3
         assert value(samples, "graceful_connections_handed_over_total") == first + second
+        status = json.loads(ctl(workdir, "--control", "c.sock", "status", "--json").stdout)
+        assert status["handedOver"] == first + second
     finally:
         for client in clients:
             client.close()
