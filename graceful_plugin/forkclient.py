@@ -525,28 +525,44 @@ class ForkLauncher:
         descriptors C{fds} (number in the child -> ours; duplicated at once) and nothing else.
 
         @return: fires with the L{ForkedProcess}; fails with L{ForkFailed} saying why (no fork
-            server, it refused, or it did not answer within C{forkTimeout}: then the link is
-            dropped, so that nothing it forks late finds us).
+            server, it refused, or it did not answer within C{forkTimeout}).
+        """
+        d = self._request(argv, cwd, env, False, fds=fds, name=name)
+        return d.addCallback(lambda answer: answer["process"])
+
+    def _request(
+        self,
+        argv: Sequence[str],
+        cwd: str,
+        env: dict[str, str],
+        fresh: bool,
+        fds: Mapping[int, int] | None = None,
+        name: str | None = None,
+    ) -> Deferred[dict[str, Any]]:
+        """
+        One fork request on our link (L{ForkServerLink.fork}), answered within C{forkTimeout}:
+        fires with the answer (a fork server that replaced itself first is logged); fails with
+        L{ForkFailed} saying why.  Without an answer in time the link is dropped: whatever the
+        fork server forks late finds nobody waiting for it, or a handoff in progress, and exits.
         """
         link = self.link
         if link is None or not link.connected:
             return fail(ForkFailed(self.unavailable or "there is no fork server"))
-        d = link.fork(argv, cwd, env, False, fds=fds, name=name)
+        d = link.fork(argv, cwd, env, fresh, fds=fds, name=name)
         d.addTimeout(self.forkTimeout, self.reactor)
 
-        def forked(answer: dict[str, Any]) -> ForkedProcess:
+        def answered(answer: dict[str, Any]) -> dict[str, Any]:
             self._noteRefreshed(answer)
-            process: ForkedProcess = answer["process"]
-            return process
+            return answer
 
         def failed(failure: Failure) -> Any:
             if failure.check(ForkFailed) is None:
                 if link.transport is not None:
                     link.transport.loseConnection()
-                raise ForkFailed(f"the fork server did not answer within {self.forkTimeout:g} s")
+                raise ForkFailed(f"it did not answer within {self.forkTimeout:g} s")
             return failure
 
-        return d.addCallbacks(forked, failed)
+        return d.addCallbacks(answered, failed)
 
     # -- starting a successor ---------------------------------------------------------------
 
@@ -567,11 +583,9 @@ class ForkLauncher:
         link = self.link
         if link is None or not link.connected:
             return self._full(command, cwd, fallback, self.unavailable or "no fork server")
-        d = link.fork(command, cwd or os.getcwd(), dict(os.environ), fresh)
-        d.addTimeout(self.forkTimeout, self.reactor)
+        d = self._request(command, cwd or os.getcwd(), dict(os.environ), fresh)
 
         def forked(answer: dict[str, Any]) -> Any:
-            self._noteRefreshed(answer)
             ahead = answer.get("ahead")
             self.log.info(
                 "fork server pid {server} forked the successor pid {pid}{how}",
@@ -583,11 +597,6 @@ class ForkLauncher:
 
         def failed(failure: Failure) -> Any:
             reason = failure.getErrorMessage() or failure.type.__name__
-            if failure.check(ForkFailed) is None:
-                reason = f"it did not answer within {self.forkTimeout:g} s"
-                # Whatever it forks late meets a handoff in progress and exits.
-                if link.transport is not None:
-                    link.transport.loseConnection()
             return self._full(command, cwd, fallback, f"the fork server did not fork: {reason}")
 
         return d.addCallbacks(forked, failed)

@@ -671,9 +671,7 @@ class ForkServer:
         for conn in self.connections.values():
             conn.sock.detach()
         self.listener.detach()
-        keep = sock.fileno()
-        os.closerange(3, keep)
-        os.closerange(keep + 1, _maxFd())
+        closeAllBut((0, 1, 2, sock.fileno()))
         if spares.enabled(name=spares.ENV_PREFAULT):
             spares.prefault(stop=spares.readable(sock))
         work, fds = spares.waitForWork(sock)

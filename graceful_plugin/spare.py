@@ -158,8 +158,6 @@ def waitForWork(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
     while len(buffer) < _HEADER.size or len(buffer) < _HEADER.size + _HEADER.unpack_from(buffer)[0]:
         try:
             data, ancdata, flags, _ = sock.recvmsg(1 << 16, socket.CMSG_SPACE(_MAX_FDS * 4))
-        except InterruptedError:
-            continue
         except OSError:
             data, ancdata, flags = b"", [], 0
         if flags & socket.MSG_CTRUNC:
@@ -176,14 +174,11 @@ def waitForWork(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
     message = json.loads(buffer[_HEADER.size : _HEADER.size + size])
     # The go may have come with the message's last bytes.
     go = buffer[_HEADER.size + size : _HEADER.size + size + 1]
-    while not go:
+    if not go:
         try:
             go = sock.recv(1)
-        except InterruptedError:
-            continue
         except OSError:
             go = b""
-        break
     if go != b"g":
         os._exit(0)
     sock.close()

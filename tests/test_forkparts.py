@@ -276,7 +276,17 @@ class FakeLink:
         self.transport = self
         self.lost = False
 
-    def fork(self, argv: Sequence[str], cwd: str, env: dict[str, str], fresh: bool) -> Any:
+    def fork(
+        self,
+        argv: Sequence[str],
+        cwd: str,
+        env: dict[str, str],
+        fresh: bool,
+        fds: Any = None,
+        name: str | None = None,
+    ) -> Any:
+        # A successor gets the fork server's stdio defaults: no descriptors, no name of its own.
+        assert fds is None and name is None
         self.requests.append((list(argv), cwd, fresh))
         d: Deferred[Any] = Deferred()
         self.answers.append(d)

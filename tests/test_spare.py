@@ -164,7 +164,9 @@ def test_spareRunsTheRequestAndIsReplaced(forkServer: _ForkServer, script: Path)
     """
     first = _spareOf(forkServer)
     assert _until(lambda: Path(f"/proc/{first}/comm").read_text().strip() == spare.NAME)
-    time.sleep(0.05)  # more than a clock tick (10 ms) between its start and the request
+    # At least a clock tick (10 ms) between its start and the request, or they look the same.
+    forkedAt = int(Path(f"/proc/{first}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    assert _until(lambda: _ticksNow() > forkedAt)
     asked = _ticksNow()
     answer, printed = forkServer.fork(script)
     pid, started = (int(x) for x in printed.split())

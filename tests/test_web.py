@@ -223,6 +223,19 @@ def test_drainBusyRequestAnswersConnectionClose() -> None:
     assert transport.disconnecting
 
 
+def _downloading(n: int) -> tuple[Any, Any, Clock]:
+    """
+    A connection to the demo site whose download of C{n} bytes has begun (its first chunk
+    written), with a clock for the connection's timers.
+    """
+    channel, transport = connect(demoSite(lambda: 1))
+    clock = Clock()
+    channel.callLater = clock.callLater
+    channel.dataReceived(get(b"/bytes/%d" % n))
+    pullProducer(channel).resumeProducing()
+    return channel, transport, clock
+
+
 def test_drainDuringDownloadFinishesIt() -> None:
     """
     A download in flight when drain comes is not cut short: all N bytes arrive.  Its headers
@@ -231,11 +244,7 @@ def test_drainDuringDownloadFinishesIt() -> None:
     over where there is a successor, test_handover.py).
     """
     n = 5 * 65536
-    channel, transport = connect(demoSite(lambda: 1))
-    clock = Clock()
-    channel.callLater = clock.callLater
-    channel.dataReceived(get(b"/bytes/%d" % n))
-    pullProducer(channel).resumeProducing()
+    channel, transport, clock = _downloading(n)
     channel.drain()
     assert not transport.disconnecting
     pump(channel)
@@ -255,11 +264,7 @@ def test_nextRequestAfterAPromisedKeepAliveIsAnswered() -> None:
     connection closes after it; it is never closed under that request.
     """
     n = 2 * 65536
-    channel, transport = connect(demoSite(lambda: 1))
-    clock = Clock()
-    channel.callLater = clock.callLater
-    channel.dataReceived(get(b"/bytes/%d" % n))
-    pullProducer(channel).resumeProducing()
+    channel, transport, clock = _downloading(n)
     channel.drain()
     pump(channel)
     assert not transport.disconnecting
@@ -279,10 +284,7 @@ def test_promisedKeepAliveIsOfferedOnceIdle() -> None:
     closed here, one it declines drains as an idle one.
     """
     for takes in (True, False):
-        channel, transport = connect(demoSite(lambda: 1))
-        clock = Clock()
-        channel.callLater = clock.callLater
-        channel.dataReceived(get(b"/bytes/%d" % 65536))
+        channel, transport, clock = _downloading(65536)
         offers: list[int] = []
 
         def offer(
@@ -291,7 +293,6 @@ def test_promisedKeepAliveIsOfferedOnceIdle() -> None:
             offers.append(len(transport.value()))
             return takes
 
-        pullProducer(channel).resumeProducing()
         channel.offerWhenIdle(offer)
         channel.drain()
         pump(channel)
