@@ -263,7 +263,14 @@ class Graceful(Server):
             os.kill(old, signal.SIGHUP)
         elif self.how == "ctl":
             ctl = [str(BIN / "graceful-ctl"), "--control", str(self.control), "restart"]
-            done = subprocess.run(ctl, capture_output=True, text=True, timeout=60, check=False)
+            done = subprocess.run(
+                ctl,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+                preexec_fn=loadtest.server_child,
+            )
             if done.returncode != 0:
                 event["failed"] = (done.stdout + done.stderr).strip()[-300:]
         elif self.name.endswith("-idle"):
@@ -775,6 +782,12 @@ def parse_args(argv):
         default=1,
         help="graceful scenarios: processes per generation (--workers; a successor keeps it)",
     )
+    add(
+        "--split-cores",
+        action="store_true",
+        help="servers (and all they start) on the last CPU, the clients on the others: the"
+        " takeover without the scheduler's placement of a new process among the clients",
+    )
     add("--plot", type=Path, help="a PNG (needs matplotlib: the bench extra)")
     args = parser.parse_args(argv)
     if args.rounds < 1:
@@ -821,6 +834,9 @@ def main(argv=None) -> int:
     become_subreaper()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, loadtest.raise_on_signal(KeyboardInterrupt()))
+    if args.split_cores:
+        servers, clients = loadtest.split_cores()
+        print(f"servers on CPUs {sorted(servers)}, clients on {sorted(clients)}", file=sys.stderr)
     if args.idle_takeovers:
         return idle_main(args)
     runs: list[dict] = []

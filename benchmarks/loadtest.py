@@ -207,6 +207,29 @@ def run_client(spec: LoadSpec) -> tuple[list[tuple[float, float, int]], Counter]
 # --- processes ------------------------------------------------------------------------------
 
 
+#: CPUs every server process runs on (``Children.spawn``), or None: wherever the kernel puts it.
+SERVER_CPUS: set[int] | None = None
+
+
+def split_cores() -> tuple[set[int], set[int]]:
+    """Keep servers and clients apart: servers on the last CPU this process may use, this
+    process (and so every client it forks from now on) on the others.  Returns both sets."""
+    global SERVER_CPUS
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise RuntimeError("--split-cores needs at least 2 CPUs")
+    SERVER_CPUS, clients = {cpus[-1]}, set(cpus[:-1])
+    os.sched_setaffinity(0, clients)
+    return SERVER_CPUS, clients
+
+
+def server_child() -> None:
+    """In a server's child before exec: die with us, and run on the servers' CPUs."""
+    die_with_parent()
+    if SERVER_CPUS is not None:
+        os.sched_setaffinity(0, SERVER_CPUS)
+
+
 def die_with_parent() -> None:
     """Have Linux SIGKILL this process when its parent dies, so no child outlives a killed run."""
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -280,7 +303,7 @@ class Children:
                 cwd=self.tmp,
                 env=env,
                 start_new_session=True,
-                preexec_fn=die_with_parent,
+                preexec_fn=server_child,
             )
         self._procs.append(proc)
         self._names[proc.pid] = name
