@@ -34,6 +34,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -389,11 +390,19 @@ def main(argv: list[str] | None = None) -> int:
         help="also measure this many independent single processes on ports of their own, each"
         " with its own wrk (the ceiling for a group of that many on this machine)",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure everything this many times, interleaved, and judge the median ratio",
+    )
     p.add_argument("--json", help="also write the numbers to this file")
     here = Path(sys.executable).parent
     p.add_argument("--twistd", default=str(here / "twistd"))
     p.add_argument("--ctl", default=str(here / "graceful-ctl"))
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     if shutil.which("wrk") is None:
         print("workers.py needs wrk (apt-get install wrk)", file=sys.stderr)
         return 2
@@ -405,20 +414,96 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="graceful-workers-"))
     children = Children(tmp)
     previous = signal.signal(signal.SIGTERM, lambda *a: sys.exit(1))
-    runs = []
+    rounds: list[dict[str, Any]] = []
     try:
-        for count in counts:
-            runs.append(measure(args, children, count))
-            if count > 1 and args.compare_balance:
-                runs.append(measure(args, children, count, balance=False))
-        if args.independent:
-            ceiling = measure_independent(args, children, args.independent)
+        # Rounds interleave the configurations, so that what else the machine does at one
+        # moment does not land on one configuration's figures only.
+        for number in range(1, args.rounds + 1):
+            runs = []
+            for count in counts:
+                runs.append(measure(args, children, count))
+                if count > 1 and args.compare_balance:
+                    runs.append(measure(args, children, count, balance=False))
+            ceiling = (
+                measure_independent(args, children, args.independent) if args.independent else None
+            )
+            rounds.append({"round": number, "runs": runs, "independent": ceiling})
     finally:
         signal.signal(signal.SIGTERM, previous)
         with signals_held():
             children.kill_all()
             shutil.rmtree(tmp, ignore_errors=True)
-    rows = runs + ([ceiling] if args.independent else [])
+    for each in rounds:
+        if args.rounds > 1:
+            print(f"\nround {each['round']} of {args.rounds}")
+        report(args, each["runs"], each["independent"])
+    lines, verdict = judge(rounds)
+    print("\n".join(lines))
+    if args.json:
+        last = rounds[-1]
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "machine": machine(),
+                    "runs": last["runs"],
+                    "independent": last["independent"],
+                    "rounds": rounds,
+                    "target_met": verdict,
+                },
+                indent=2,
+            )
+        )
+    return 0
+
+
+def judge(rounds: list[dict[str, Any]]) -> tuple[list[str], bool | None]:
+    """
+    The verdict over the rounds: the median of their 2 workers / 1 worker ratios against the
+    target, and the median of 2 independent processes / 1 (each round's, when more than one).
+    """
+    ratios = [r for r in (ratiosOf(each) for each in rounds) if r is not None]
+    if not ratios:
+        return [], None
+    group = statistics.median(r[0] for r in ratios)
+    verdict = group >= TARGET_RATIO
+    each = f" (median of {len(ratios)} rounds: {', '.join(f'{r[0]:.2f}' for r in ratios)})"
+    lines = [
+        f"2 workers / 1 worker, fresh connections: {group:.2f}x"
+        + (each if len(ratios) > 1 else "")
+        + f" (target at least {TARGET_RATIO}x): {'met' if verdict else 'NOT met'}"
+    ]
+    ceilings = [r[1] for r in ratios if r[1] is not None]
+    if ceilings:
+        each = f" (median of {', '.join(f'{c:.2f}' for c in ceilings)})"
+        lines.append(
+            f"2 independent processes / 1, fresh connections: {statistics.median(ceilings):.2f}x"
+            + (each if len(ceilings) > 1 else "")
+            + " (the ceiling here)"
+        )
+    return lines, verdict
+
+
+def ratiosOf(each: dict[str, Any]) -> tuple[float, float | None] | None:
+    """
+    One round's 2 workers / 1 worker and 2 independent processes / 1 worker, fresh
+    connections (None without both a 1 and a 2).
+    """
+    runs, ceiling = each["runs"], each["independent"]
+    one = next((r for r in runs if r["workers"] == 1), None)
+    two = next((r for r in runs if r["workers"] == 2 and r["balance"]), None)
+    if not one or not two or not one["fresh"]["rps"]:
+        return None
+    independent = None
+    if ceiling is not None and ceiling.get("independent") == 2:
+        independent = ceiling["fresh"]["rps"] / one["fresh"]["rps"]
+    return two["fresh"]["rps"] / one["fresh"]["rps"], independent
+
+
+def report(args: argparse.Namespace, runs: list[dict[str, Any]], ceiling: dict | None) -> None:
+    """
+    Print one round's tables (and note each run's server CPU per request in it).
+    """
+    rows = runs + ([ceiling] if ceiling is not None else [])
     print(
         f"{'workers':<14} {'mode':<9} {'requests/s':>10}  {'errors':>6}  {'client CPU':>10}"
         "  spread over the processes (fresh: accepts; keep-alive: sessions held)"
@@ -463,34 +548,6 @@ def main(argv: list[str] | None = None) -> int:
                 f" once, the largest share one process took: {run['burst_largest_share']:.0%}"
                 f" on average (even: {1 / run['workers']:.0%})"
             )
-    one = next((r for r in runs if r["workers"] == 1), None)
-    two = next((r for r in runs if r["workers"] == 2 and r["balance"]), None)
-    verdict = None
-    if one and two:
-        ratio = two["fresh"]["rps"] / one["fresh"]["rps"]
-        verdict = ratio >= TARGET_RATIO
-        print(
-            f"2 workers / 1 worker, fresh connections: {ratio:.2f}x"
-            f" (target at least {TARGET_RATIO}x): {'met' if verdict else 'NOT met'}"
-        )
-        if args.independent == 2:
-            print(
-                f"2 independent processes / 1, fresh connections:"
-                f" {ceiling['fresh']['rps'] / one['fresh']['rps']:.2f}x (the ceiling here)"
-            )
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "machine": machine(),
-                    "runs": runs,
-                    "independent": ceiling if args.independent else None,
-                    "target_met": verdict,
-                },
-                indent=2,
-            )
-        )
-    return 0
 
 
 if __name__ == "__main__":

@@ -295,3 +295,36 @@ def test_bump_summary_takes_each_scenarios_median_over_its_rounds():
         "  graceful-hup: 3 rounds, ratio 1.20 (1.10-1.30), rate near 0.93 (0.90-0.95)",
         "  nginx: 1 rounds, ratio 1.00 (1.00-1.00), rate near 0.99 (0.99-0.99)",
     ]
+
+
+def test_workers_judge_takes_the_median_ratio_over_its_rounds(monkeypatch):
+    """workers.py --rounds N judges the target on the median of the rounds' 2 workers / 1
+    worker ratios (fresh connections), and prints the independent pair's median beside it."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("workers_bench", BENCHMARKS / "workers.py")
+    workers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(workers)
+
+    def round_(one, two, independent):
+        runs = [
+            {"workers": 1, "balance": True, "fresh": {"rps": one}},
+            {"workers": 2, "balance": True, "fresh": {"rps": two}},
+            {"workers": 2, "balance": False, "fresh": {"rps": 2 * two}},
+        ]
+        return {"runs": runs, "independent": {"independent": 2, "fresh": {"rps": independent}}}
+
+    rounds = [round_(1000, 1500, 1600), round_(1000, 1300, 1400), round_(1000, 1450, 1500)]
+    lines, verdict = workers.judge(rounds)
+    assert verdict is True  # 1.30, 1.45, 1.50: median 1.45 >= 1.4 (one round alone would fail)
+    assert lines == [
+        "2 workers / 1 worker, fresh connections: 1.45x (median of 3 rounds: 1.50, 1.30, 1.45)"
+        " (target at least 1.4x): met",
+        "2 independent processes / 1, fresh connections: 1.50x (median of 1.60, 1.40, 1.50)"
+        " (the ceiling here)",
+    ]
+    lines, verdict = workers.judge([round_(1000, 1300, 1400)])
+    assert verdict is False
+    assert (
+        lines[0] == "2 workers / 1 worker, fresh connections: 1.30x (target at least 1.4x): NOT met"
+    )
+    assert workers.judge([{"runs": rounds[0]["runs"][1:], "independent": None}]) == ([], None)
