@@ -133,6 +133,10 @@ def formatStatus(status: dict[str, Any]) -> str:
             )
         )
     lines.append(f"live sessions: {total}")
+    handedOver = status.get("handedOver")
+    if handedOver:
+        # (None from an older server; 0 says nothing worth a line.)
+        lines.append(f"idle connections handed over by draining generations: {handedOver}")
     draining = status["draining"]
     if draining:
         lines.append("draining:")

@@ -429,6 +429,30 @@ def test_aRealRestartPassesNoListeningSocket(procs: Processes, workdir: Path) ->
     assert targets["0"] == "/dev/null"
 
 
+def test_statusForPeopleCountsTheConnectionsHandedOver() -> None:
+    """
+    The human status says how many idle connections draining generations handed over so far,
+    after the live sessions; with none, or from a server that does not say, there is no line.
+    """
+    status = {
+        "pid": 10,
+        "generation": 3,
+        "state": "serving",
+        "uptime": 3.0,
+        "listeners": [],
+        "draining": [],
+        "handedOver": 40,
+    }
+    lines = formatStatus(status).splitlines()
+    live = lines.index("live sessions: 0")
+    assert lines[live + 1] == "idle connections handed over by draining generations: 40"
+    for quiet in (0, None):
+        text = formatStatus({**status, "handedOver": quiet})
+        assert "handed over" not in text, text
+    del status["handedOver"]
+    assert "handed over" not in formatStatus(status)
+
+
 def test_statusForPeopleShowsEachWorkersBalance() -> None:
     """
     The human status names, for each process of a balancing group, how many times it held
