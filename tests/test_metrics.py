@@ -476,7 +476,7 @@ def test_handedOverConnectionsCountedAcrossTakeovers(procs: Processes, workdir: 
     graceful_connections_handed_over_total counts the idle keep-alive connections each
     draining generation handed over (as its log says), and goes on counting across takeovers:
     after two of them it is the sum of both, served by the third generation, which
-    graceful-ctl status --json says too.
+    graceful-ctl status says too (with --json and without).
     """
     port, metrics = freePort(), freePort()
     gen1 = procs.server(_args(port, metrics), "gen1").start()
@@ -503,6 +503,9 @@ def test_handedOverConnectionsCountedAcrossTakeovers(procs: Processes, workdir: 
         assert value(samples, "graceful_connections_handed_over_total") == first + second
         status = json.loads(ctl(workdir, "--control", "c.sock", "status", "--json").stdout)
         assert status["handedOver"] == first + second
+        text = ctl(workdir, "--control", "c.sock", "status").stdout
+        line = f"idle connections handed over by draining generations: {first + second}"
+        assert line in text.splitlines(), text
     finally:
         for client in clients:
             client.close()
