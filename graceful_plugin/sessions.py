@@ -5,6 +5,9 @@ drains, and closing what is left at the drain deadline.
 
 from __future__ import annotations
 
+import array
+import fcntl
+import termios
 from collections.abc import Callable
 from typing import Any
 
@@ -92,6 +95,20 @@ def unsentBytes(transport: Any) -> int:
     """
     buffered = len(getattr(transport, "dataBuffer", b"")) - getattr(transport, "offset", 0)
     return buffered + getattr(transport, "_tempDataLen", 0)
+
+
+def unreadBytes(transport: Any) -> int:
+    """
+    The bytes the kernel holds for C{transport} that we have not read yet (C{FIONREAD}); 0 when
+    it cannot say (no descriptor, closed).
+    """
+    try:
+        fd = transport.fileno()
+        count = array.array("i", [0])
+        fcntl.ioctl(fd, termios.FIONREAD, count, True)
+    except (AttributeError, OSError, ValueError):
+        return 0
+    return count[0]
 
 
 def drainableOf(protocol: Any) -> IDrainable | None:

@@ -12,6 +12,7 @@ import select
 import socket
 import struct
 import termios
+import time
 from typing import Any
 
 import pytest
@@ -45,7 +46,7 @@ from graceful_plugin.listeners import (
     bindListener,
     portAddress,
 )
-from graceful_plugin.sessions import IHandOver, SessionTracker
+from graceful_plugin.sessions import IHandOver, SessionTracker, unreadBytes
 from graceful_plugin.web import DemoRoot, DrainableChannelSwitch, DrainableSite
 
 _GET = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n"
@@ -312,6 +313,61 @@ def test_freshConnectionIsTaken(connect: Any, link: FakeLink) -> None:
     assert canHandOver(connection.transport)
     assert sender(link).offer(connection.transport)
     assert len(link.calls) == 1
+
+
+def _waitUnread(connection: Connection, count: int) -> None:
+    # (Loopback delivers at once; this only bounds a slow machine's wait.)
+    deadline = time.monotonic() + 5
+    while unreadBytes(connection.transport) < count and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert unreadBytes(connection.transport) == count
+
+
+@pytest.mark.parametrize("served", [False, True], ids=["first request", "next request"])
+def test_requestWaitingInTheKernelIsAnsweredHere(
+    connect: Any, link: FakeLink, port: FakePort, served: bool
+) -> None:
+    """
+    A connection whose request (its first, or the next one on a kept-alive connection) has
+    arrived but is still unread in the kernel is not taken: the polite drain reads it here at
+    once and answers it, with Connection: close; nothing goes to the successor.
+    """
+    connection = connect()
+    if served:
+        connection.request()
+    connection.client.sendall(_GET)
+    _waitUnread(connection, len(_GET))
+    assert not canHandOver(connection.transport)
+    port.sessions.drain(sender(link).offer)
+    assert link.calls == []
+    connection.transport.doRead()
+    connection.transport.doWrite()
+    reply = recvResponse(connection.client)
+    assert b"generation 1" in reply and b"\r\nConnection: close\r\n" in reply
+
+
+def test_requestArrivingWhileQueuedIsAnsweredHere(connect: Any, link: FakeLink) -> None:
+    """
+    A connection taken while idle, whose request arrives while it waits its turn behind the
+    first descriptor, is not sent when its turn comes: it is read again and answered here
+    (Connection: close); the ones still idle go to the successor.
+    """
+    first, second, third = connect(), connect(), connect()
+    for connection in (first, second, third):
+        connection.request()
+    handover = sender(link)
+    for connection in (first, second, third):
+        assert handover.offer(connection.transport)
+    assert len(link.calls) == 1
+    second.client.sendall(_GET)
+    _waitUnread(second, len(_GET))
+    link.calls[0][1].callback({})
+    assert len(link.calls) == 2  # the third one: the second stayed here
+    assert link.calls[1][0]["address"] == "127.0.0.1:%d" % third.transport.getHost().port
+    assert handover.fellBack == 1 and not second.transport.disconnected
+    second.transport.doRead()
+    second.transport.doWrite()
+    assert b"\r\nConnection: close\r\n" in recvResponse(second.client)
 
 
 def test_oneGoesAloneUntilTheSuccessorHasAdoptedOne(connect: Any, link: FakeLink) -> None:
