@@ -16,9 +16,9 @@ Two sides:
   here at once, with C{Connection: close}), stops reading each one at once (what the client
   sends from then on waits in the kernel's receive buffer), sends a duplicate of its descriptor
   (L{control.AdoptConnection}), and once the successor answers that it serves it, drops its own
-  copy without C{shutdown()} (L{dropCopy}). If the successor refuses, is an older version
+  copy without C{shutdown()} (L{dropCopy}).  If the successor refuses, is an older version
   (UNHANDLED) or its link closes, it reads the connection again and drains it politely, as
-  before. There is no timeout: a connection whose answer never came may be served by the
+  before.  There is no timeout: a connection whose answer never came may be served by the
   successor, so it is never read again here unless the link closed (then the successor either
   never took it or has died, and with it its copy);
 - the successor's (L{adoptHandedOver}): checks the descriptor (a connected stream socket of
