@@ -792,6 +792,8 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if args.split_cores and len(os.sched_getaffinity(0)) < 2:
+        parser.error("--split-cores needs at least 2 CPUs to run on")
     if args.takeovers < 1 or args.duration / (args.takeovers + 1) < 1.0:
         parser.error("leave at least 1 s between takeovers (--duration / (--takeovers + 1))")
     if args.plot is not None:

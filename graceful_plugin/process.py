@@ -40,7 +40,7 @@ class ProcessEffects:
         close: Callable[[int], None] = os.close,
         exit: Callable[[int], Any] = os._exit,
         pid: Callable[[], int] = os.getpid,
-        settleHeap: Callable[[], None] | None = None,
+        settleHeap: Callable[[], None] = heap.settle,
         restorePriority: Callable[[], None] = priority.restorePriority,
     ) -> None:
         self.reactor = reactor
@@ -51,7 +51,7 @@ class ProcessEffects:
         self._exit = exit
         self._pid = pid
         self._statusPipe: int | None = None
-        self._settleHeap = settleHeap or _settleHeap
+        self._settleHeap = settleHeap
         self._restorePriority = restorePriority
 
     # -- signals ----------------------------------------------------------------------------
@@ -158,10 +158,6 @@ class ProcessEffects:
         """
         self._settleHeap()
         self._restorePriority()
-
-
-def _settleHeap() -> None:
-    heap.settle()
 
 
 def lowerPriority() -> None:
