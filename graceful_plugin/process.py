@@ -56,27 +56,34 @@ class ProcessEffects:
 
     # -- signals ----------------------------------------------------------------------------
 
-    def installSignalHandlers(
-        self, stop: Callable[[], None], restart: Callable[[str], None]
-    ) -> None:
+    def installRestartSignals(self, restart: Callable[[str], None]) -> None:
         """
-        SIGTERM calls C{stop} (a graceful stop that exits 0); SIGHUP and SIGUSR2 (for nginx and
-        gunicorn habits) call C{restart} with the signal's name, as `graceful-ctl restart`
-        does.  SIGUSR1 stays twistd's log rotation.  Both run in the reactor's thread.
+        SIGHUP and SIGUSR2 (for nginx and gunicorn habits) call C{restart} with the signal's
+        name in the reactor's thread, as `graceful-ctl restart` does.  SIGUSR1 stays twistd's
+        log rotation.
 
-        Call it once the reactor runs: its own handlers are in place by then.
+        Call it as soon as the service starts, before the reactor runs: a server that says it
+        serves must not die of a SIGHUP's default action.  The reactor handles neither signal,
+        and a call from a handler before it runs waits for it.
         """
-
-        def onTerm(signum: int, frame: Any) -> None:
-            self.reactor.callFromThread(stop)
-
-        self._installSignal(signal.SIGTERM, onTerm)
 
         def onRestart(signum: int, frame: Any) -> None:
             self.reactor.callFromThread(restart, signal.Signals(signum).name)
 
         self._installSignal(signal.SIGHUP, onRestart)
         self._installSignal(signal.SIGUSR2, onRestart)
+
+    def installStopSignal(self, stop: Callable[[], None]) -> None:
+        """
+        SIGTERM calls C{stop} (a graceful stop that exits 0) in the reactor's thread.
+
+        Call it once the reactor runs: it installs its own SIGTERM handler when it starts.
+        """
+
+        def onTerm(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(stop)
+
+        self._installSignal(signal.SIGTERM, onTerm)
 
     # -- twistd's status pipe ---------------------------------------------------------------
 

@@ -146,10 +146,10 @@ class GracefulServer(service.Service):
         super().startService()
         process = self.process
         process.exitAfterShutdown(lambda: self.settings.pidfile)
-        # After the reactor's own handlers are in place: SIGTERM is a graceful stop that exits 0.
-        self.reactor.callWhenRunning(
-            process.installSignalHandlers, self.stopGracefully, self.restartBySignal
-        )
+        # SIGHUP and SIGUSR2 at once (a restart asked before the reactor runs waits for it);
+        # SIGTERM, a graceful stop that exits 0, after the reactor's own handler is in place.
+        process.installRestartSignals(self.restartBySignal)
+        self.reactor.callWhenRunning(process.installStopSignal, self.stopGracefully)
         if self.settings.takeover:
             process.takeStatusPipe(self.twistdConfig)
             d = Deferred.fromCoroutine(takeOver(self))

@@ -256,3 +256,36 @@ class FacadeTests(SynchronousTestCase):
         self.assertIs(gen.workers, workers)
         self.assertIs(server.machine, None)
         self.assertEqual(server.stopGracefully, gen.stopGracefully)
+
+    def test_restartSignalsBeforeTheReactorRunsStopSignalAfter(self) -> None:
+        """
+        Starting, the service takes SIGHUP and SIGUSR2 at once: a server that has said it serves
+        does not die of SIGHUP's default action in the moment before its reactor runs (the
+        restart asked then waits for the reactor).  SIGTERM is taken once the reactor runs,
+        after the reactor's own handler.
+        """
+        import signal
+
+        from graceful_plugin.server import GracefulServer
+
+        reactor = MemoryReactorClock()
+        server = GracefulServer(Settings(listeners=[], controlPath="x"), Factory(), reactor=reactor)
+        installed: list[tuple[int, Any]] = []
+        server.process._installSignal = lambda signum, handler: installed.append((signum, handler))
+        server._startFromScratch = lambda: None  # type: ignore[method-assign]
+        asked: list[str] = []
+        server.restartBySignal = asked.append  # type: ignore[method-assign]
+        server.startService()
+        self.assertEqual([signum for signum, _ in installed], [signal.SIGHUP, signal.SIGUSR2])
+        # (A real reactor queues a call from a handler until it runs.)
+        queued: list[tuple[Any, tuple[Any, ...]]] = []
+        reactor.callFromThread = lambda f, *args: queued.append((f, args))  # type: ignore[attr-defined]
+        dict(installed)[signal.SIGHUP](signal.SIGHUP, None)
+        self.assertEqual(asked, [])
+        reactor.run()
+        self.assertEqual(
+            [signum for signum, _ in installed], [signal.SIGHUP, signal.SIGUSR2, signal.SIGTERM]
+        )
+        for f, args in queued:
+            f(*args)
+        self.assertEqual(asked, ["SIGHUP"])

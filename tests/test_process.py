@@ -52,7 +52,8 @@ def test_signalsCallStopAndRestartInTheReactorThread() -> None:
     effects, reactor, seen = _effects()
     stops: list[None] = []
     restarts: list[str] = []
-    effects.installSignalHandlers(lambda: stops.append(None), restarts.append)
+    effects.installRestartSignals(restarts.append)
+    effects.installStopSignal(lambda: stops.append(None))
     handlers = dict(seen["signal"])
     assert set(handlers) == {signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2}
     for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2):
